@@ -1,0 +1,89 @@
+"""Checkpoints: self-describing dicts that load with `torch.load(path, weights_only=True)`.
+
+A checkpoint holds `format_version`, `step`, `model` (state dict), `optimizer` (state dict),
+`config` (the whole resolved run config as plain containers) and `rng` (generator states as
+tensors). `load()` rebuilds model and schedule from that dict alone.
+"""
+
+import os
+import pickle
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import UserError
+from .models import build_model
+from .schedule import NoiseSchedule
+
+FORMAT_VERSION = 1
+
+
+def save(state: dict, path: Path) -> None:
+    """Write atomically: a temp file in the same dir, flushed and fsynced, then renamed over `path`,
+    so `path` is always either the old or the new complete checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as file:
+        torch.save(state, file)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # make the rename itself durable
+    finally:
+        os.close(directory)
+
+
+def resolve(path: str | Path, key: str = "ckpt") -> Path:
+    """A checkpoint file, or a run dir standing for its checkpoints/last.pt."""
+    path = Path(path)
+    if path.is_dir():
+        last = path / "checkpoints" / "last.pt"
+        if not last.is_file():
+            raise UserError(f"{key}={path} is a directory without checkpoints/last.pt: give a "
+                            f"diffusion-train run dir or a .pt checkpoint file")
+        return last
+    if not path.is_file():
+        raise UserError(f"{key}={path} does not exist: give a .pt checkpoint file or a "
+                        f"diffusion-train run dir")
+    return path
+
+
+def read(path: str | Path, map_location="cpu", key: str = "ckpt") -> dict:
+    """The checkpoint dict, loaded with weights_only=True: a file whose pickle would run code is
+    refused, not executed."""
+    path = resolve(path, key)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"{key}={path} was refused: it is not a plain checkpoint of weights and "
+                        f"would need arbitrary code to load ({first_line})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise UserError(f"{key}={path} is not a readable checkpoint (truncated or not a .pt "
+                        f"file: {type(error).__name__}); point {key} at a checkpoint written by "
+                        f"diffusion-train") from None
+    if not isinstance(state, dict) or not {"format_version", "model", "config"} <= state.keys():
+        raise UserError(f"{key}={path} is not a diffusion-cli checkpoint (no format_version, "
+                        f"model and config entries)")
+    if state["format_version"] > FORMAT_VERSION:
+        raise UserError(f"{key}={path} has format_version {state['format_version']}, newer than "
+                        f"this diffusion-cli reads ({FORMAT_VERSION}): upgrade diffusion-cli")
+    return state
+
+
+def load(path: str | Path, device="cpu") -> tuple[torch.nn.Module, NoiseSchedule, DictConfig]:
+    """(model, schedule, config) from a checkpoint file or a run dir; the model in eval mode.
+    The same loader `diffusion-sample` uses; call it from a notebook as well."""
+    state = read(path, map_location=device)
+    config = OmegaConf.create(state["config"])
+    model = build_model(config.model, config.data).to(device)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:
+        raise UserError(f"ckpt={path}: its weights do not match its own model config "
+                        f"({str(error).splitlines()[0]})") from None
+    schedule = NoiseSchedule.from_config(config.schedule).to(device)
+    return model.eval(), schedule, config

@@ -1,0 +1,108 @@
+"""What the two console scripts share: checks before anything is written, one-line errors, and the
+per-job result file that sweeps collect into summary.csv."""
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, MissingConfigException
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from .config import validate
+from .errors import UserError
+from .sweep import write_result, write_summary
+
+log = logging.getLogger(__name__)
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print one line naming the problem and exit: no traceback for errors a user can fix."""
+    print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def console_script(hydra_main):
+    """The entry point of a console script around a @hydra.main function: Hydra's own errors (an
+    unknown key or group option, a wrong type) become one line, unless HYDRA_FULL_ERROR=1 asks for
+    the whole traceback."""
+    def entry() -> None:
+        full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
+        os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then re-raises instead of printing
+        try:
+            hydra_main()
+        except (HydraException, OmegaConfBaseException) as error:
+            if full_error:
+                raise
+            fail(describe(error))
+    return entry
+
+
+# Lines of Hydra's and OmegaConf's messages that repeat what the first lines say.
+_NOISE = ("full_key:", "object_type=", "reference_type=", "Config search path", "provider=")
+
+
+def describe(error: Exception) -> str:
+    """Hydra's multi-line message for a bad config, as one line."""
+    if isinstance(error, MissingConfigException) and error.options:
+        return f"{str(error).splitlines()[0]}; choose one of: {', '.join(error.options)}"
+    parts = [error] + ([error.__cause__] if error.__cause__ is not None else [])
+    lines = [line.strip() for part in parts for line in str(part).splitlines()]
+    return "; ".join(line.rstrip(".") for line in lines if line and not line.startswith(_NOISE))
+
+
+class Callbacks(Callback):
+    """Hydra callbacks (configured under hydra.callbacks in train.yaml and sample.yaml)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        """Check the config before Hydra creates the run dir, so bad input writes nothing."""
+        try:
+            validate(config)
+        except UserError as error:
+            fail(str(error))
+        run_dir = Path(config.hydra.run.dir)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)  # what Hydra does next, with a clear error
+        except OSError as error:
+            fail(f"cannot create the run dir {run_dir} ({error.strerror}): run from a writable "
+                 f"directory or set hydra.run.dir=PATH")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        """Rebuild summary.csv once more (parallel launchers) and exit non-zero if a job failed."""
+        sweep_dir = Path(config.hydra.sweep.dir)
+        rows = write_summary(sweep_dir) if sweep_dir.is_dir() else []
+        failed = sum(row["status"] != "ok" for row in rows)
+        print(f"wrote {sweep_dir / 'summary.csv'}: {len(rows)} jobs, {failed} failed")
+        if failed:
+            fail(f"{failed} of {len(rows)} sweep jobs failed; their errors are in the summary's "
+                 f"error column", code=1)
+
+
+def run_task(task, cfg: DictConfig) -> None:
+    """Run task(cfg, run_dir) as a Hydra job. A UserError ends a single run with one line and exit
+    code 2; in a sweep the job is recorded as failed and the other jobs go on."""
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    overrides = list(hydra_cfg.overrides.task)
+    try:
+        validate(cfg)
+        metrics = task(cfg, run_dir)
+    except UserError as error:
+        if not multirun:
+            fail(str(error))
+        log.error(f"job failed: {error}")
+        write_result(run_dir, overrides, {}, "failed", str(error))
+    except Exception as error:
+        if not multirun:
+            raise
+        log.exception("job failed")  # the traceback goes to the job's log; the sweep goes on
+        write_result(run_dir, overrides, {}, "failed", f"{type(error).__name__}: {error}")
+    else:
+        write_result(run_dir, overrides, metrics, "ok")
+    if multirun:
+        write_summary(Path(hydra_cfg.sweep.dir))

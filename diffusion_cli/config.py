@@ -1,0 +1,185 @@
+"""Typed schemas of the config groups, and the range checks run right after composing.
+
+The YAML files in conf/ hold the values and their documentation; the dataclasses here hold the
+types, so that Hydra rejects `schedule.T=abc` while composing. Each group file extends its schema
+with `- /schema/<group>/<option>@_here_` in its defaults list.
+"""
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from . import checkpoint
+from .errors import UserError
+
+
+@dataclass
+class DataConfig:
+    kind: str = MISSING
+    root: Optional[str] = MISSING
+    download: bool = MISSING
+    channels: int = MISSING
+    height: int = MISSING
+    width: int = MISSING
+    num_train: int = MISSING
+    num_eval: int = MISSING
+
+
+@dataclass
+class MLPConfig:
+    kind: str = MISSING
+    width: int = MISSING
+    depth: int = MISSING
+
+
+@dataclass
+class UNetConfig:
+    kind: str = MISSING
+    base_channels: int = MISSING
+    time_dim: int = MISSING
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = MISSING
+    T: int = MISSING
+    beta_start: float = MISSING
+    beta_end: float = MISSING
+
+
+@dataclass
+class TrainerConfig:
+    seed: int = MISSING
+    device: str = MISSING
+    batch_size: int = MISSING
+    lr: float = MISSING
+    lr_warmup_steps: int = MISSING
+    weight_decay: float = MISSING
+    max_steps: int = MISSING
+    log_every: int = MISSING
+    eval_every: int = MISSING
+    sample_every: int = MISSING
+    checkpoint_every: int = MISSING
+    keep_checkpoints: int = MISSING
+    num_eval_images: int = MISSING
+    num_grid_images: int = MISSING
+
+
+@dataclass
+class SamplerConfig:
+    kind: str = MISSING
+    steps: Optional[int] = None
+    clip_x0: bool = MISSING
+
+
+@dataclass
+class SampleConfig:
+    """diffusion-sample's own keys; the model, schedule and data come from the checkpoint."""
+    ckpt: str = MISSING
+    num_samples: int = MISSING
+    batch_size: int = MISSING
+    seed: int = MISSING
+    device: str = MISSING
+    nrow: int = MISSING
+    sampler: Any = MISSING
+
+
+def register_schemas() -> None:
+    store = ConfigStore.instance()
+    store.store(group="schema/data", name="data", node=DataConfig)
+    store.store(group="schema/model", name="mlp", node=MLPConfig)
+    store.store(group="schema/model", name="unet", node=UNetConfig)
+    store.store(group="schema/schedule", name="schedule", node=ScheduleConfig)
+    store.store(group="schema/trainer", name="trainer", node=TrainerConfig)
+    store.store(group="schema/sampler", name="sampler", node=SamplerConfig)
+    store.store(group="schema", name="sample", node=SampleConfig)
+
+
+register_schemas()
+
+
+# Range checks: (full key, test, what is allowed). Keys absent from a config are skipped.
+def _positive(v): return v >= 1
+def _non_negative(v): return v >= 0
+def _probability(v): return 0 < v < 1
+
+
+RULES = [
+    ("schedule.T", _positive, "an integer >= 1"),
+    ("schedule.beta_start", _probability, "a number strictly between 0 and 1"),
+    ("schedule.beta_end", _probability, "a number strictly between 0 and 1"),
+    ("data.num_train", _positive, "an integer >= 1"),
+    ("data.num_eval", _positive, "an integer >= 1"),
+    ("data.channels", _positive, "an integer >= 1"),
+    ("data.height", _positive, "an integer >= 1"),
+    ("data.width", _positive, "an integer >= 1"),
+    ("model.width", _positive, "an integer >= 1"),
+    ("model.depth", _non_negative, "an integer >= 0"),
+    ("model.base_channels", _positive, "an integer >= 1"),
+    ("model.time_dim", lambda v: v >= 2 and v % 2 == 0, "an even integer >= 2"),
+    ("trainer.batch_size", _positive, "an integer >= 1"),
+    ("trainer.lr", lambda v: v > 0, "a number > 0"),
+    ("trainer.lr_warmup_steps", _non_negative, "an integer >= 0"),
+    ("trainer.weight_decay", _non_negative, "a number >= 0"),
+    ("trainer.max_steps", _positive, "an integer >= 1"),
+    ("trainer.log_every", _positive, "an integer >= 1"),
+    ("trainer.eval_every", _non_negative, "an integer >= 0 (0: only at the end)"),
+    ("trainer.sample_every", _non_negative, "an integer >= 0 (0: only at the end)"),
+    ("trainer.checkpoint_every", _non_negative, "an integer >= 0 (0: only at the end)"),
+    ("trainer.keep_checkpoints", _non_negative, "an integer >= 0"),
+    ("trainer.num_eval_images", _positive, "an integer >= 1"),
+    ("trainer.num_grid_images", _positive, "an integer >= 1"),
+    ("sampler.steps", lambda v: v is None or v >= 1, "null (all T) or an integer >= 1"),
+    ("num_samples", _positive, "an integer >= 1"),
+    ("batch_size", _positive, "an integer >= 1"),
+    ("nrow", _non_negative, "an integer >= 0 (0: a square grid)"),
+]
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise UserError naming the first key whose value is out of range."""
+    if "ckpt" in cfg.keys():  # diffusion-sample (`in cfg` is False for a missing value)
+        if OmegaConf.is_missing(cfg, "ckpt"):
+            raise UserError("ckpt is required: diffusion-sample ckpt=RUN_DIR (or a .pt checkpoint file)")
+        checkpoint.resolve(cfg.ckpt)
+    for key, test, allowed in RULES:
+        value = OmegaConf.select(cfg, key, default=MISSING)
+        if value is not MISSING and not test(value):
+            raise UserError(f"{key}={value} is out of range: use {allowed}")
+    schedule = cfg.get("schedule")
+    if schedule is not None and schedule.beta_start > schedule.beta_end:
+        raise UserError(f"schedule.beta_start={schedule.beta_start} is above schedule.beta_end="
+                        f"{schedule.beta_end}: the noise must grow, so use beta_start <= beta_end")
+    if schedule is not None and "sampler" in cfg:
+        check_sampler_steps(cfg.sampler, schedule.T)
+    if "trainer" in cfg:
+        resolve_device(cfg.trainer.device, key="trainer.device")
+    if "device" in cfg:
+        resolve_device(cfg.device)
+
+
+def check_sampler_steps(sampler_cfg: DictConfig, T: int) -> None:
+    if sampler_cfg.steps is not None and sampler_cfg.steps > T:
+        raise UserError(f"sampler.steps={sampler_cfg.steps} is more than the model's schedule.T={T}: "
+                        f"use at most {T}, or null for all of them")
+
+
+def resolve_device(name: str, key: str = "device") -> torch.device:
+    """`auto` is CUDA when available, else the CPU; an explicit device must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"{key}={name} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{key}={name} but this machine has no usable CUDA GPU: use {key}=auto or cpu")
+    return device
+
+
+def to_plain(cfg: DictConfig) -> dict:
+    """The resolved config as plain Python containers, for checkpoints and result files."""
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)

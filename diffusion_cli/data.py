@@ -1,0 +1,61 @@
+"""The datasets, as in-memory tensors of images in [-1, 1], shape (N, C, H, W)."""
+
+import torch
+
+from .errors import UserError
+
+
+def gradient_grid(height: int, width: int) -> torch.Tensor:
+    """The fixed (H, W) ramp of the gradient images: 0 at the top-left corner, 1 at the bottom-right."""
+    xs = torch.linspace(0, width / (width + height), width, dtype=torch.float64)
+    ys = torch.linspace(0, height / (width + height), height, dtype=torch.float64)
+    gx, gy = torch.meshgrid(xs, ys, indexing="xy")
+    grid = gx + gy
+    return grid / grid[-1, -1]
+
+
+def make_gradients(n: int, shape: tuple[int, int, int], seed: int) -> torch.Tensor:
+    """n color-gradient images in [0, 1]: per channel, corner color a at the top-left blending
+    linearly to b at the bottom-right, with a and b integers in 0..255."""
+    channels, height, width = shape
+    generator = torch.Generator().manual_seed(seed)
+    corners = torch.randint(0, 256, (2, n, channels), generator=generator, dtype=torch.float64)
+    a, b = corners[0, :, :, None, None], corners[1, :, :, None, None]
+    grid = gradient_grid(height, width)
+    return ((a + grid * (b - a)) / 255).float()
+
+
+# Fixed seeds: the eval set is drawn from another stream than the train set.
+GRADIENTS_TRAIN_SEED, GRADIENTS_EVAL_SEED = 0, 1
+
+
+def load_mnist(root: str, download: bool, train: bool) -> torch.Tensor:
+    """MNIST digits in [0, 1], (N, 1, 28, 28)."""
+    from torchvision.datasets import MNIST
+
+    try:
+        dataset = MNIST(root, train=train, download=download)
+    except RuntimeError as error:  # torchvision's "Dataset not found"
+        raise UserError(f"MNIST not found under {root}/MNIST/raw ({error}); set data.root= or "
+                        f"DIFFUSION_CLI_DATA to a folder holding it, or data.download=true") from None
+    except OSError as error:  # URLError and friends: offline, or the root is not writable
+        raise UserError(f"could not download MNIST into {root} ({error}); put its files in "
+                        f"{root}/MNIST/raw, or set data.root= or DIFFUSION_CLI_DATA to where they are") from None
+    return dataset.data[:, None].float() / 255
+
+
+def load_data(data_cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, eval) images in [-1, 1] for the `data` config group."""
+    shape = (data_cfg.channels, data_cfg.height, data_cfg.width)
+    if data_cfg.kind == "gradients":
+        train = make_gradients(data_cfg.num_train, shape, GRADIENTS_TRAIN_SEED)
+        evaluation = make_gradients(data_cfg.num_eval, shape, GRADIENTS_EVAL_SEED)
+    elif data_cfg.kind == "mnist":
+        if shape != (1, 28, 28):
+            raise UserError(f"data=mnist images are 1x28x28, got data.channels/height/width = "
+                            f"{'x'.join(map(str, shape))}; leave those keys at their defaults")
+        train = load_mnist(data_cfg.root, data_cfg.download, train=True)[: data_cfg.num_train]
+        evaluation = load_mnist(data_cfg.root, data_cfg.download, train=False)[: data_cfg.num_eval]
+    else:
+        raise UserError(f"data.kind={data_cfg.kind!r} is unknown; choose one of: gradients, mnist")
+    return train * 2 - 1, evaluation * 2 - 1

@@ -1,0 +1,109 @@
+"""The DDPM noise schedule (Ho et al. 2020): every coefficient in one place, computed once.
+
+Timesteps are 0-based, t = 0 ... T-1, as in diffusers. Every method takes `t` as a LongTensor of
+shape (B,), one timestep per sample, and works for x of any shape (B, ...).
+"""
+
+import torch
+from torch import nn
+
+
+def make_betas(kind: str, T: int, beta_start: float, beta_end: float) -> torch.Tensor:
+    """The betas of a schedule, in float64."""
+    if kind == "linear":
+        return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+    raise ValueError(f"schedule.kind={kind!r} is unknown; choose one of: linear")
+
+
+class NoiseSchedule(nn.Module):
+    """betas, alphas = 1 - betas, alpha_bars = cumprod(alphas), and what follows from them.
+
+    All coefficients are computed in float64 and stored as float32 buffers, so they move with
+    `.to(device)` and are saved with the module.
+    """
+
+    def __init__(self, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
+                 kind: str = "linear", *, betas: torch.Tensor | None = None,
+                 timesteps: torch.Tensor | None = None):
+        super().__init__()
+        betas = make_betas(kind, T, beta_start, beta_end) if betas is None else betas.double()
+        self.T = len(betas)
+        self._betas64 = betas  # kept in float64 on the CPU for respacing
+        alphas = 1.0 - betas
+        alpha_bars = torch.cumprod(alphas, dim=0)
+        alpha_bars_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bars[:-1]])
+
+        coefficients = {
+            "betas": betas,
+            "alphas": alphas,
+            "alpha_bars": alpha_bars,
+            "alpha_bars_prev": alpha_bars_prev,
+            "sqrt_alpha_bars": alpha_bars.sqrt(),
+            "sqrt_one_minus_alpha_bars": (1.0 - alpha_bars).sqrt(),
+            # q(x_{t-1} | x_t, x0) = N(c1 x0 + c2 x_t, var): Ho et al. eq. 6-7.
+            "posterior_variance": betas * (1.0 - alpha_bars_prev) / (1.0 - alpha_bars),
+            "posterior_mean_x0_coef": betas * alpha_bars_prev.sqrt() / (1.0 - alpha_bars),
+            "posterior_mean_xt_coef": (1.0 - alpha_bars_prev) * alphas.sqrt() / (1.0 - alpha_bars),
+        }
+        for name, value in coefficients.items():
+            self.register_buffer(name, value.float(), persistent=False)
+        # The timestep the model sees at each step of this schedule: 0..T-1, or a subset of the
+        # training timesteps for a respaced schedule.
+        if timesteps is None:
+            timesteps = torch.arange(self.T)
+        self.register_buffer("timesteps", timesteps.long(), persistent=False)
+
+    @staticmethod
+    def _at(coefficient: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """coefficient[t], shaped (B, 1, 1, ...) to broadcast against x."""
+        return coefficient[t].reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise (Ho et al. eq. 4)."""
+        return (self._at(self.sqrt_alpha_bars, t, x0) * x0
+                + self._at(self.sqrt_one_minus_alpha_bars, t, x0) * noise)
+
+    def q_sample_iterative(self, x0: torch.Tensor, t: torch.Tensor,
+                           generator: torch.Generator | None = None) -> torch.Tensor:
+        """The forward chain one step at a time (eq. 2): x_s = sqrt(1-beta_s) x_{s-1} + sqrt(beta_s) eps
+        for s = 0 ... t, i.e. t+1 steps. Slow; it exists to check `q_sample` against."""
+        x = x0.clone()
+        for s in range(int(t.max()) + 1):
+            eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            stepped = self._at(self.alphas.sqrt(), torch.full_like(t, s), x) * x \
+                + self._at(self.betas.sqrt(), torch.full_like(t, s), x) * eps
+            active = (t >= s).reshape(-1, *([1] * (x.dim() - 1)))
+            x = torch.where(active, stepped, x)
+        return x
+
+    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """Invert q_sample for x0 given the noise. Never clips: the sampler decides that."""
+        return (x_t - self._at(self.sqrt_one_minus_alpha_bars, t, x_t) * eps) \
+            / self._at(self.sqrt_alpha_bars, t, x_t)
+
+    def posterior_mean_variance(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
+        """(mean, variance) of q(x_{t-1} | x_t, x0), Ho et al. eq. 7. The variance is 0 at t = 0."""
+        mean = (self._at(self.posterior_mean_x0_coef, t, x_t) * x0
+                + self._at(self.posterior_mean_xt_coef, t, x_t) * x_t)
+        return mean, self._at(self.posterior_variance, t, x_t)
+
+    def respaced(self, steps: int) -> "NoiseSchedule":
+        """A schedule over `steps` of the T training timesteps, evenly spaced from 0 to T-1, whose
+        betas keep alpha_bar at those timesteps exact (Nichol & Dhariwal 2021, sec. 4)."""
+        if steps == self.T:
+            return self
+        if not 1 <= steps <= self.T:
+            raise ValueError(f"sampler.steps={steps} must be between 1 and schedule.T={self.T}")
+        kept = torch.linspace(0, self.T - 1, steps, dtype=torch.float64).round().long()
+        alpha_bars = torch.cumprod(1.0 - self._betas64, dim=0)[kept]
+        previous = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bars[:-1]])
+        betas = 1.0 - alpha_bars / previous
+        return NoiseSchedule(betas=betas, timesteps=self.timesteps[kept]).to(self.betas.device)
+
+    @classmethod
+    def from_config(cls, cfg) -> "NoiseSchedule":
+        return cls(T=cfg.T, beta_start=cfg.beta_start, beta_end=cfg.beta_end, kind=cfg.kind)
+
+    def extra_repr(self) -> str:
+        return f"T={self.T}"
+

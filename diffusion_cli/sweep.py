@@ -1,0 +1,58 @@
+"""The comparison table of a sweep: every job writes result.json into its own run dir, and
+summary.csv in the sweep dir is rebuilt from all of them, so a failed or parallel job loses no row."""
+
+import csv
+import json
+import os
+from pathlib import Path
+
+RESULT_FILE = "result.json"
+TRAILING_COLUMNS = ["steps", "wall_s", "run_dir", "status", "error"]
+
+
+def write_result(run_dir: Path, overrides: list[str], metrics: dict, status: str, error: str = "") -> None:
+    """This job's row: the command-line overrides by full key, its final metrics and its status."""
+    row = {"overrides": dict(_split(override) for override in overrides), **metrics,
+           "run_dir": str(run_dir), "status": status, "error": error}
+    _write_atomically(run_dir / RESULT_FILE, json.dumps(row, indent=2))
+
+
+def _split(override: str) -> tuple[str, str]:
+    key, _, value = override.partition("=")
+    return key.lstrip("+~"), value
+
+
+def write_summary(sweep_dir: Path) -> list[dict]:
+    """Rebuild sweep_dir/summary.csv from the jobs' result files; returns the rows."""
+    results = [json.loads(path.read_text()) for path in sweep_dir.glob(f"*/{RESULT_FILE}")]
+    results.sort(key=lambda row: _job_order(Path(row["run_dir"]).name))
+    override_keys = _ordered_keys(row["overrides"] for row in results)
+    metric_keys = [key for key in _ordered_keys(results)
+                   if key not in ["overrides", *TRAILING_COLUMNS]]
+    columns = override_keys + metric_keys + TRAILING_COLUMNS
+    rows = [{**row["overrides"], **{key: row.get(key, "") for key in metric_keys + TRAILING_COLUMNS}}
+            for row in results]
+    tmp = sweep_dir / f".summary.csv.{os.getpid()}.tmp"
+    with open(tmp, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, sweep_dir / "summary.csv")
+    return rows
+
+
+def _ordered_keys(dicts) -> list[str]:
+    keys = {}
+    for d in dicts:
+        keys.update(dict.fromkeys(d))
+    return list(keys)
+
+
+def _job_order(name: str):
+    return (0, int(name)) if name.isdigit() else (1, name)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

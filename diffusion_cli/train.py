@@ -1,0 +1,198 @@
+"""diffusion-train: one readable training loop.
+
+DDPM objective (Ho et al. 2020): draw x0 from the data, one timestep t per sample and noise eps,
+form x_t = q_sample(x0, t, eps), and regress the model's output on eps with an MSE loss.
+"""
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from . import checkpoint
+from .cli import console_script, run_task
+from .config import resolve_device, to_plain
+from .data import load_data
+from .images import save_grid, to_unit
+from .metrics import gradient_quality
+from .models import build_model, image_shape
+from .sampling import sample_images
+from .schedule import NoiseSchedule
+
+log = logging.getLogger(__name__)
+
+# Fractions of T at which the reconstruction grids show x_t and the model's x0 estimate.
+RECONSTRUCTION_TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+def training_loss(model, schedule: NoiseSchedule, x0: torch.Tensor,
+                  generator: torch.Generator) -> torch.Tensor:
+    """The DDPM loss on a batch: MSE between the noise and the model's prediction of it."""
+    t = torch.randint(0, schedule.T, (x0.shape[0],), generator=generator, device=x0.device)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+    return F.mse_loss(model(schedule.q_sample(x0, t, noise), t), noise)
+
+
+class Evaluator:
+    """The held-out loss at fixed timesteps and noise, so numbers are comparable across steps."""
+
+    def __init__(self, images: torch.Tensor, schedule: NoiseSchedule, batch_size: int, seed: int):
+        generator = torch.Generator().manual_seed(seed)
+        self.images = images
+        # Timesteps spread evenly over 0..T-1, one per image; noise fixed once.
+        self.t = torch.linspace(0, schedule.T - 1, len(images)).round().long()
+        self.noise = torch.randn(images.shape, generator=generator)
+        self.schedule = schedule
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def loss(self, model) -> float:
+        device = self.schedule.betas.device
+        was_training = model.training
+        model.eval()
+        total = 0.0
+        for start in range(0, len(self.images), self.batch_size):
+            x0, t, noise = (v[start:start + self.batch_size].to(device)
+                            for v in (self.images, self.t, self.noise))
+            prediction = model(self.schedule.q_sample(x0, t, noise), t)
+            total += F.mse_loss(prediction, noise, reduction="sum").item()
+        model.train(was_training)
+        return total / self.images.numel()
+
+
+@torch.no_grad()
+def reconstructions(model, schedule: NoiseSchedule, images: torch.Tensor, seed: int) -> torch.Tensor:
+    """Rows: the clean images, then for each t in RECONSTRUCTION_TIMES x_t and the model's x0
+    estimate (clipped to [-1, 1]). Returns the rows stacked, in [-1, 1]."""
+    device = schedule.betas.device
+    x0 = images.to(device)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    rows = [x0]
+    was_training = model.training
+    model.eval()
+    for fraction in RECONSTRUCTION_TIMES:
+        t = torch.full((len(x0),), round(fraction * (schedule.T - 1)), device=device)
+        x_t = schedule.q_sample(x0, t, noise)
+        rows += [x_t.clamp(-1, 1), schedule.predict_x0(x_t, t, model(x_t, t)).clamp(-1, 1)]
+    model.train(was_training)
+    return torch.cat(rows)
+
+
+def due(step: int, every: int, last_step: int) -> bool:
+    """Whether periodic work (every N steps; 0 = only at the end) is due at `step`."""
+    return step == last_step or (every > 0 and step % every == 0)
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    """Train as `cfg` says, writing everything into run_dir; returns the final metrics."""
+    tc = cfg.trainer
+    device = resolve_device(tc.device, key="trainer.device")
+    log.info(f"run dir: {run_dir}  (device {device})")
+    started = time.perf_counter()
+
+    torch.manual_seed(tc.seed)  # model initialisation
+    train_images, eval_images = load_data(cfg.data)
+    train_images = train_images.to(device)  # in memory: batches are drawn by index on the device
+    model = build_model(cfg.model, cfg.data).to(device)
+    schedule = NoiseSchedule.from_config(cfg.schedule).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    # The training stream: batch indices, timesteps, noise. Evaluation and grids use their own
+    # fixed-seed generators, so they never shift it.
+    generator = torch.Generator(device).manual_seed(tc.seed)
+    evaluator = Evaluator(eval_images[: tc.num_eval_images], schedule, tc.batch_size, tc.seed)
+    grid_shape = (tc.num_grid_images, *image_shape(cfg.data))
+    log.info(f"model {cfg.model.kind}: {sum(p.numel() for p in model.parameters()):,} parameters; "
+             f"{len(train_images):,} training images of shape {tuple(grid_shape[1:])}")
+
+    metrics_file = open(run_dir / "metrics.jsonl", "a")
+    result = {}
+    running_loss, logged_step, interval_start = torch.zeros((), device=device), 0, time.perf_counter()
+    progress = tqdm(total=tc.max_steps, desc="training", unit="step", dynamic_ncols=True)
+    with logging_redirect_tqdm(), metrics_file, progress:
+        for step in range(1, tc.max_steps + 1):
+            lr = tc.lr * min(1.0, step / tc.lr_warmup_steps) if tc.lr_warmup_steps else tc.lr
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            index = torch.randint(0, len(train_images), (tc.batch_size,), generator=generator, device=device)
+            loss = training_loss(model, schedule, train_images[index], generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            running_loss += loss.detach()
+            progress.update()
+
+            record = {}
+            if due(step, tc.log_every, tc.max_steps):  # the only host sync of the loop
+                steps_done, elapsed = step - logged_step, time.perf_counter() - interval_start
+                record.update(loss=running_loss.item() / steps_done, lr=lr,
+                              images_per_s=steps_done * tc.batch_size / elapsed)
+                running_loss.zero_()
+                logged_step, interval_start = step, time.perf_counter()
+                progress.set_postfix(loss=f"{record['loss']:.4f}")
+            work_started = time.perf_counter()
+            if due(step, tc.eval_every, tc.max_steps):
+                record["eval_loss"] = evaluator.loss(model)
+            if due(step, tc.sample_every, tc.max_steps):
+                record.update(write_grids(model, schedule, cfg, step, run_dir, eval_images, grid_shape))
+            if due(step, tc.checkpoint_every, tc.max_steps):
+                save_checkpoint(model, optimizer, generator, cfg, step, run_dir)
+            if record:
+                metrics_file.write(json.dumps({"step": step, **record}) + "\n")
+                metrics_file.flush()
+                result.update(record)
+            interval_start += time.perf_counter() - work_started  # images/s counts training only
+
+    result.update(steps=tc.max_steps, wall_s=time.perf_counter() - started)
+    last = f"samples/step_{tc.max_steps:07d}.png"
+    log.info(f"wrote {run_dir}: checkpoints/last.pt, {last}, metrics.jsonl "
+             f"(loss {result['loss']:.4f}, eval_loss {result['eval_loss']:.4f}, {result['wall_s']:.0f} s)")
+    return result
+
+
+def write_grids(model, schedule, cfg, step: int, run_dir: Path, eval_images, grid_shape) -> dict:
+    """The sample grid (fixed seed, so grids are comparable across steps) and the reconstruction
+    grid; returns the quality metrics of the samples where the data has one."""
+    samples = sample_images(model, schedule, cfg.sampler, grid_shape, batch_size=cfg.trainer.batch_size,
+                            seed=cfg.trainer.seed)
+    save_grid(samples, run_dir / "samples" / f"step_{step:07d}.png")
+    shown = eval_images[:8]
+    save_grid(to_unit(reconstructions(model, schedule, shown, cfg.trainer.seed)),
+              run_dir / "reconstructions" / f"step_{step:07d}.png", nrow=len(shown))
+    return gradient_quality(samples) if cfg.data.kind == "gradients" else {}
+
+
+def save_checkpoint(model, optimizer, generator, cfg, step: int, run_dir: Path) -> None:
+    """checkpoints/step_N.pt, keeping the last `keep_checkpoints`, and last.pt."""
+    state = {
+        "format_version": checkpoint.FORMAT_VERSION,
+        "step": step,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "config": to_plain(cfg),
+        "rng": {"torch": torch.get_rng_state(), "train": generator.get_state()},
+    }
+    directory = run_dir / "checkpoints"
+    keep = cfg.trainer.keep_checkpoints
+    if keep > 0 and cfg.trainer.checkpoint_every > 0 and step % cfg.trainer.checkpoint_every == 0:
+        checkpoint.save(state, directory / f"step_{step:07d}.pt")
+        for old in sorted(directory.glob("step_*.pt"))[:-keep]:
+            old.unlink()
+    checkpoint.save(state, directory / "last.pt")
+
+
+@hydra.main(version_base="1.3", config_path="pkg://diffusion_cli.conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    run_task(train, cfg)
+
+
+cli = console_script(main)
+
+if __name__ == "__main__":
+    cli()

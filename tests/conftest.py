@@ -1,0 +1,40 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# Real MNIST in torchvision's layout lies beside the checkout; CI sets the same variable.
+os.environ.setdefault("DIFFUSION_CLI_DATA", str(ROOT.parent / "shared" / "data"))
+
+# Tiny settings that keep a whole training run to a few seconds on 2 CPU cores.
+TINY_TRAIN = [
+    "data.num_train=256", "data.num_eval=32", "model.width=32", "model.depth=1",
+    "schedule.T=20", "trainer.batch_size=16", "trainer.max_steps=6", "trainer.log_every=2",
+    "trainer.eval_every=3", "trainer.sample_every=3", "trainer.checkpoint_every=3",
+    "trainer.num_eval_images=32", "trainer.num_grid_images=4", "trainer.device=cpu",
+]
+
+
+def script(name: str) -> str:
+    """The console script installed beside this Python."""
+    return str(Path(sys.executable).with_name(name))
+
+
+def run_cli(name: str, *args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([script(name), *args], cwd=cwd, capture_output=True, text=True,
+                            env={**os.environ, "HYDRA_FULL_ERROR": ""}, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{name} {' '.join(args)} exited {result.returncode}:\n"
+                             f"{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """One tiny gradients run shared by the tests that need a checkpoint."""
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    run_cli("diffusion-train", *TINY_TRAIN, f"hydra.run.dir={run_dir}", cwd=run_dir.parent)
+    return run_dir

@@ -1,0 +1,109 @@
+import pytest
+import torch
+
+from diffusion_cli.models import MLP
+from diffusion_cli.sampling import ddpm_step, sample
+from diffusion_cli.schedule import NoiseSchedule
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return MLP((1, 4, 4), width=16, depth=1).eval()
+
+
+def test_last_step_adds_no_noise_and_returns_the_clipped_x0():
+    s = NoiseSchedule(T=10)
+    x, eps = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
+    with_noise = ddpm_step(s, eps, 0, x, noise=torch.randn_like(x) * 100)
+    without = ddpm_step(s, eps, 0, x, noise=None)
+    torch.testing.assert_close(with_noise, without)
+    x0 = s.predict_x0(x, torch.zeros(3, dtype=torch.long), eps).clamp(-1, 1)
+    torch.testing.assert_close(with_noise, x0)
+
+
+def test_steps_before_the_last_add_noise_with_the_posterior_variance():
+    s = NoiseSchedule(T=10)
+    x, eps, noise = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
+    difference = ddpm_step(s, eps, 5, x, noise) - ddpm_step(s, eps, 5, x, None)
+    torch.testing.assert_close(difference, s.posterior_variance[5].sqrt() * noise)
+
+
+def test_unclipped_step_is_algorithm_2():
+    """x_{t-1} = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - ab_t) eps) + sigma_t z (Ho et al. Alg. 2)."""
+    s = NoiseSchedule(T=100)
+    x, eps, z = torch.randn(4, 1, 4, 4), torch.randn(4, 1, 4, 4), torch.randn(4, 1, 4, 4)
+    for i in (99, 50, 1):
+        ours = ddpm_step(s, eps, i, x, z, clip_x0=False)
+        algorithm2 = (x - s.betas[i] / s.sqrt_one_minus_alpha_bars[i] * eps) / s.alphas[i].sqrt() \
+            + s.posterior_variance[i].sqrt() * z
+        torch.testing.assert_close(ours, algorithm2, atol=1e-5, rtol=1e-4)
+
+
+def test_same_seed_same_images_and_output_in_range():
+    s, model = NoiseSchedule(T=30), tiny_model()
+    a = sample(model, s, (5, 1, 4, 4), generator=torch.Generator().manual_seed(3))
+    b = sample(model, s, (5, 1, 4, 4), generator=torch.Generator().manual_seed(3))
+    c = sample(model, s, (5, 1, 4, 4), generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c)
+    assert a.min() >= -1 and a.max() <= 1
+
+
+def test_return_all_steps_gives_the_trajectory_from_x_T():
+    s, model = NoiseSchedule(T=30), tiny_model()
+    trajectory = sample(model, s, (2, 1, 4, 4), generator=torch.Generator().manual_seed(0),
+                        return_all_steps=True)
+    assert trajectory.shape == (31, 2, 1, 4, 4)
+    x_T = torch.randn((2, 1, 4, 4), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(trajectory[0], x_T)
+    respaced = sample(model, s, (2, 1, 4, 4), steps=5, return_all_steps=True)
+    assert respaced.shape == (6, 2, 1, 4, 4)
+
+
+def test_the_exact_denoiser_of_a_few_points_samples_those_points():
+    """With the ideal eps-predictor for a data set of 4 images, ancestral sampling must land on
+    the data: a check of the whole sampler that no trained model could fake."""
+    data = torch.tensor([-0.8, -0.2, 0.3, 0.9]).repeat_interleave(16).view(4, 1, 4, 4)
+    s = NoiseSchedule(T=200, beta_end=0.05)
+
+    class Exact(torch.nn.Module):
+        def forward(self, x, t):
+            ab = s.alpha_bars[t].view(-1, 1, 1)
+            d2 = ((x.flatten(1)[:, None] - ab.sqrt() * data.flatten(1)[None]) ** 2).sum(-1)
+            weights = torch.softmax(-d2 / (2 * (1 - ab[:, :, 0])), dim=1)
+            x0 = (weights @ data.flatten(1)).view_as(x)
+            return (x - ab.view(-1, 1, 1, 1).sqrt() * x0) / (1 - ab.view(-1, 1, 1, 1)).sqrt()
+
+        def parameters(self):
+            yield data
+
+    images = sample(Exact(), s, (64, 1, 4, 4), generator=torch.Generator().manual_seed(0))
+    distance = (images.flatten(1)[:, None] - data.flatten(1)[None]).abs().amax(-1).min(1).values
+    assert distance.max().item() < 0.01
+    hits = (images.flatten(1)[:, None] - data.flatten(1)[None]).abs().amax(-1).argmin(1)
+    assert set(hits.tolist()) == {0, 1, 2, 3}  # every data point is reached
+
+
+def test_whole_trajectory_matches_diffusers_ddpm_scheduler():
+    """1000 steps through ours and diffusers' DDPMScheduler (fixed_small variance, clipping on),
+    with the same initial noise and the same per-step noise, agree at every step."""
+    diffusers = pytest.importorskip("diffusers")
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
+                                        beta_schedule="linear", variance_type="fixed_small",
+                                        clip_sample=True, clip_sample_range=1.0)
+    scheduler.set_timesteps(1000)
+    s, model = NoiseSchedule(T=1000), tiny_model()
+    shape = (3, 1, 4, 4)
+    ours = sample(model, s, shape, generator=torch.Generator().manual_seed(0), return_all_steps=True)
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=generator)
+    theirs = [x]
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            eps = model(x, t.expand(shape[0]))
+            x = scheduler.step(eps, t, x, generator=generator).prev_sample
+            theirs.append(x)
+    theirs = torch.stack(theirs)
+    assert ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)

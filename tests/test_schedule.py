@@ -1,0 +1,96 @@
+import math
+
+import pytest
+import torch
+
+from diffusion_cli.schedule import NoiseSchedule
+
+
+def test_linear_betas_and_products_match_hand_computation():
+    s = NoiseSchedule(T=5, beta_start=0.1, beta_end=0.5)
+    betas = [0.1, 0.2, 0.3, 0.4, 0.5]
+    alpha_bars = [0.9, 0.9 * 0.8, 0.9 * 0.8 * 0.7, 0.9 * 0.8 * 0.7 * 0.6, 0.9 * 0.8 * 0.7 * 0.6 * 0.5]
+    assert s.betas.dtype == torch.float32 and len(s.betas) == 5
+    torch.testing.assert_close(s.betas, torch.tensor(betas))
+    torch.testing.assert_close(s.alphas, 1 - torch.tensor(betas))
+    torch.testing.assert_close(s.alpha_bars, torch.tensor(alpha_bars))
+
+
+def test_default_schedule_is_ho_et_al():
+    s = NoiseSchedule()
+    assert s.T == 1000
+    assert s.betas[0].item() == pytest.approx(1e-4) and s.betas[-1].item() == pytest.approx(0.02)
+    assert s.alpha_bars[-1].item() == pytest.approx(4.04e-5, rel=0.01)
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 8, 8), (4, 7, 16)])  # images and patch tokens
+def test_q_sample_uses_one_timestep_per_sample(shape):
+    s = NoiseSchedule(T=100)
+    x0, noise = torch.randn(shape), torch.randn(shape)
+    t = torch.tensor([0, 10, 50, 99])
+    x_t = s.q_sample(x0, t, noise)
+    for i in range(4):
+        ab = s.alpha_bars[t[i]]
+        torch.testing.assert_close(x_t[i], ab.sqrt() * x0[i] + (1 - ab).sqrt() * noise[i])
+
+
+def test_predict_x0_inverts_q_sample():
+    s = NoiseSchedule(T=100)
+    x0, noise, t = torch.randn(8, 2, 4, 4), torch.randn(8, 2, 4, 4), torch.randint(0, 100, (8,))
+    torch.testing.assert_close(s.predict_x0(s.q_sample(x0, t, noise), t, noise), x0, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("t", [0, 5, 30, 99])
+def test_step_by_step_chain_matches_closed_form_in_distribution(t):
+    """Eq. 2 iterated t+1 times gives x_t ~ N(sqrt(ab_t) x0, (1 - ab_t) I), as eq. 4 says."""
+    s = NoiseSchedule(T=100, beta_start=1e-3, beta_end=0.05)
+    n = 20000
+    x0 = torch.full((n, 1), 0.7)
+    ts = torch.full((n,), t)
+    chain = s.q_sample_iterative(x0, ts, torch.Generator().manual_seed(t))
+    ab = s.alpha_bars[t].item()
+    assert chain.mean().item() == pytest.approx(math.sqrt(ab) * 0.7, abs=0.02)
+    assert chain.var().item() == pytest.approx(1 - ab, rel=0.05, abs=1e-4)
+    closed = s.q_sample(x0, ts, torch.randn(n, 1, generator=torch.Generator().manual_seed(100 + t)))
+    assert chain.mean().item() == pytest.approx(closed.mean().item(), abs=0.02)
+    assert chain.var().item() == pytest.approx(closed.var().item(), rel=0.05, abs=1e-4)
+
+
+def test_q_sample_iterative_takes_t_plus_one_steps():
+    """At t = 0 the chain has taken exactly one step: variance beta_0."""
+    s = NoiseSchedule(T=10, beta_start=0.1, beta_end=0.2)
+    x = s.q_sample_iterative(torch.zeros(50000, 1), torch.zeros(50000, dtype=torch.long),
+                             torch.Generator().manual_seed(0))
+    assert x.var().item() == pytest.approx(0.1, rel=0.03)
+
+
+def test_posterior_matches_eq_7():
+    s = NoiseSchedule(T=50)
+    x0, x_t = torch.randn(3, 5), torch.randn(3, 5)
+    t = torch.tensor([0, 1, 49])
+    mean, variance = s.posterior_mean_variance(x0, x_t, t)
+    betas = torch.linspace(1e-4, 0.02, 50, dtype=torch.float64)  # by hand, in float64
+    alpha_bars = torch.cumprod(1 - betas, 0)
+    for i, ti in enumerate(t.tolist()):
+        beta, alpha, ab = betas[ti], 1 - betas[ti], alpha_bars[ti]
+        ab_prev = alpha_bars[ti - 1] if ti > 0 else torch.tensor(1.0, dtype=torch.float64)
+        expected_mean = (ab_prev.sqrt() * beta / (1 - ab)) * x0[i] + (alpha.sqrt() * (1 - ab_prev) / (1 - ab)) * x_t[i]
+        torch.testing.assert_close(mean[i], expected_mean.float(), atol=1e-5, rtol=1e-5)
+        assert variance[i].item() == pytest.approx((beta * (1 - ab_prev) / (1 - ab)).item(), rel=1e-5)
+    assert variance[0].item() == 0.0  # alpha_bar_{-1} = 1: no noise at the last step
+    torch.testing.assert_close(mean[0], x0[0])  # and the mean is x0 itself
+
+
+def test_buffers_move_with_the_module_and_are_float32():
+    s = NoiseSchedule(T=10).to(torch.device("cpu"))
+    names = {name for name, _ in s.named_buffers()}
+    assert {"betas", "alphas", "alpha_bars"} <= names
+    assert all(buffer.dtype in (torch.float32, torch.int64) for buffer in s.buffers())
+
+
+def test_respacing_keeps_alpha_bars_at_the_kept_timesteps():
+    s = NoiseSchedule(T=1000)
+    r = s.respaced(50)
+    assert r.T == 50 and r.timesteps[0].item() == 0 and r.timesteps[-1].item() == 999
+    torch.testing.assert_close(r.alpha_bars, s.alpha_bars[r.timesteps], rtol=1e-5, atol=1e-7)
+    assert s.respaced(1000) is s
