@@ -58,13 +58,13 @@ def read(path: str | Path, map_location="cpu", key: str = "ckpt") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"{key}={path} was refused: it is not a plain checkpoint of weights and "
-                        f"would need arbitrary code to load ({first_line})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise UserError(f"{key}={path} is not a readable checkpoint (truncated or not a .pt "
-                        f"file: {type(error).__name__}); point {key} at a checkpoint written by "
-                        f"diffusion-train") from None
+        if "Weights only load failed" not in str(error):
+            raise UserError(unreadable(path, key, error)) from None
+        raise UserError(f"{key}={path} was refused: loading it would run code or build objects "
+                        f"that are not weights (torch.load with weights_only=True); only load "
+                        f"checkpoints written by diffusion-train") from None
+    except Exception as error:  # anything a truncated or foreign file makes the unpickler raise
+        raise UserError(unreadable(path, key, error)) from None
     if not isinstance(state, dict) or not {"format_version", "model", "config"} <= state.keys():
         raise UserError(f"{key}={path} is not a diffusion-cli checkpoint (no format_version, "
                         f"model and config entries)")
@@ -72,6 +72,11 @@ def read(path: str | Path, map_location="cpu", key: str = "ckpt") -> dict:
         raise UserError(f"{key}={path} has format_version {state['format_version']}, newer than "
                         f"this diffusion-cli reads ({FORMAT_VERSION}): upgrade diffusion-cli")
     return state
+
+
+def unreadable(path: Path, key: str, error: Exception) -> str:
+    return (f"{key}={path} is not a readable checkpoint (truncated or not a .pt file: "
+            f"{type(error).__name__}); point {key} at a checkpoint written by diffusion-train")
 
 
 def load(path: str | Path, device="cpu") -> tuple[torch.nn.Module, NoiseSchedule, DictConfig]:

@@ -13,7 +13,11 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from . import checkpoint
+from .data import DATA_KINDS
 from .errors import UserError
+from .models import MODELS
+from .sampling import SAMPLERS
+from .schedule import SCHEDULE_KINDS
 
 
 @dataclass
@@ -57,6 +61,7 @@ class TrainerConfig:
     batch_size: int = MISSING
     lr: float = MISSING
     lr_warmup_steps: int = MISSING
+    lr_schedule: str = MISSING
     weight_decay: float = MISSING
     max_steps: int = MISSING
     log_every: int = MISSING
@@ -101,13 +106,24 @@ def register_schemas() -> None:
 register_schemas()
 
 
+LR_SCHEDULES = ("cosine", "constant")
+
+
 # Range checks: (full key, test, what is allowed). Keys absent from a config are skipped.
 def _positive(v): return v >= 1
 def _non_negative(v): return v >= 0
 def _probability(v): return 0 < v < 1
 
 
+def _one_of(choices):
+    return lambda v: v in choices, f"one of: {', '.join(choices)}"
+
+
 RULES = [
+    ("data.kind", *_one_of(DATA_KINDS)),
+    ("model.kind", *_one_of(tuple(MODELS))),
+    ("schedule.kind", *_one_of(SCHEDULE_KINDS)),
+    ("sampler.kind", *_one_of(tuple(SAMPLERS))),
     ("schedule.T", _positive, "an integer >= 1"),
     ("schedule.beta_start", _probability, "a number strictly between 0 and 1"),
     ("schedule.beta_end", _probability, "a number strictly between 0 and 1"),
@@ -123,6 +139,7 @@ RULES = [
     ("trainer.batch_size", _positive, "an integer >= 1"),
     ("trainer.lr", lambda v: v > 0, "a number > 0"),
     ("trainer.lr_warmup_steps", _non_negative, "an integer >= 0"),
+    ("trainer.lr_schedule", *_one_of(LR_SCHEDULES)),
     ("trainer.weight_decay", _non_negative, "a number >= 0"),
     ("trainer.max_steps", _positive, "an integer >= 1"),
     ("trainer.log_every", _positive, "an integer >= 1"),
@@ -148,7 +165,7 @@ def validate(cfg: DictConfig) -> None:
     for key, test, allowed in RULES:
         value = OmegaConf.select(cfg, key, default=MISSING)
         if value is not MISSING and not test(value):
-            raise UserError(f"{key}={value} is out of range: use {allowed}")
+            raise UserError(f"{key}={value} is not allowed: use {allowed}")
     schedule = cfg.get("schedule")
     if schedule is not None and schedule.beta_start > schedule.beta_end:
         raise UserError(f"schedule.beta_start={schedule.beta_start} is above schedule.beta_end="

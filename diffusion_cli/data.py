@@ -25,6 +25,8 @@ def make_gradients(n: int, shape: tuple[int, int, int], seed: int) -> torch.Tens
     return ((a + grid * (b - a)) / 255).float()
 
 
+DATA_KINDS = ("gradients", "mnist")
+
 # Fixed seeds: the eval set is drawn from another stream than the train set.
 GRADIENTS_TRAIN_SEED, GRADIENTS_EVAL_SEED = 0, 1
 
@@ -35,12 +37,15 @@ def load_mnist(root: str, download: bool, train: bool) -> torch.Tensor:
 
     try:
         dataset = MNIST(root, train=train, download=download)
-    except RuntimeError as error:  # torchvision's "Dataset not found"
-        raise UserError(f"MNIST not found under {root}/MNIST/raw ({error}); set data.root= or "
-                        f"DIFFUSION_CLI_DATA to a folder holding it, or data.download=true") from None
-    except OSError as error:  # URLError and friends: offline, or the root is not writable
-        raise UserError(f"could not download MNIST into {root} ({error}); put its files in "
-                        f"{root}/MNIST/raw, or set data.root= or DIFFUSION_CLI_DATA to where they are") from None
+    except (RuntimeError, OSError) as error:  # "Dataset not found", or a failed download
+        if download:
+            reason = str(error).strip().splitlines()[0].rstrip(":")
+            raise UserError(f"MNIST is not under {root}/MNIST/raw and downloading it failed "
+                            f"({reason}; offline?): put the MNIST files there, or set data.root= "
+                            f"or DIFFUSION_CLI_DATA to a folder that has MNIST/raw/*-ubyte") from None
+        raise UserError(f"MNIST not found under {root}/MNIST/raw: set data.root= or "
+                        f"DIFFUSION_CLI_DATA to a folder that has MNIST/raw/*-ubyte, or "
+                        f"data.download=true to fetch it") from None
     return dataset.data[:, None].float() / 255
 
 
@@ -57,5 +62,5 @@ def load_data(data_cfg) -> tuple[torch.Tensor, torch.Tensor]:
         train = load_mnist(data_cfg.root, data_cfg.download, train=True)[: data_cfg.num_train]
         evaluation = load_mnist(data_cfg.root, data_cfg.download, train=False)[: data_cfg.num_eval]
     else:
-        raise UserError(f"data.kind={data_cfg.kind!r} is unknown; choose one of: gradients, mnist")
+        raise UserError(f"data.kind={data_cfg.kind!r} is unknown; choose one of: {', '.join(DATA_KINDS)}")
     return train * 2 - 1, evaluation * 2 - 1

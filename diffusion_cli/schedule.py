@@ -8,11 +8,14 @@ import torch
 from torch import nn
 
 
+SCHEDULE_KINDS = ("linear",)
+
+
 def make_betas(kind: str, T: int, beta_start: float, beta_end: float) -> torch.Tensor:
     """The betas of a schedule, in float64."""
     if kind == "linear":
         return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
-    raise ValueError(f"schedule.kind={kind!r} is unknown; choose one of: linear")
+    raise ValueError(f"schedule.kind={kind!r} is unknown; choose one of: {', '.join(SCHEDULE_KINDS)}")
 
 
 class NoiseSchedule(nn.Module):

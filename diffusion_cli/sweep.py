@@ -1,5 +1,8 @@
 """The comparison table of a sweep: every job writes result.json into its own run dir, and
-summary.csv in the sweep dir is rebuilt from all of them, so a failed or parallel job loses no row."""
+summary.csv in the sweep dir is rebuilt from all of them, so a failed or parallel job loses no row.
+
+summary.csv has one row per job: a column per swept key (an override whose value differs between
+jobs), the final metrics, then steps, wall_s, run_dir, status and error."""
 
 import csv
 import json
@@ -26,11 +29,14 @@ def write_summary(sweep_dir: Path) -> list[dict]:
     """Rebuild sweep_dir/summary.csv from the jobs' result files; returns the rows."""
     results = [json.loads(path.read_text()) for path in sweep_dir.glob(f"*/{RESULT_FILE}")]
     results.sort(key=lambda row: _job_order(Path(row["run_dir"]).name))
-    override_keys = _ordered_keys(row["overrides"] for row in results)
+    # The swept keys: overrides whose value differs between jobs (the others are the same for all).
+    override_keys = [key for key in _ordered_keys(row["overrides"] for row in results)
+                     if len({row["overrides"].get(key) for row in results}) > 1]
     metric_keys = [key for key in _ordered_keys(results)
                    if key not in ["overrides", *TRAILING_COLUMNS]]
     columns = override_keys + metric_keys + TRAILING_COLUMNS
-    rows = [{**row["overrides"], **{key: row.get(key, "") for key in metric_keys + TRAILING_COLUMNS}}
+    rows = [{**{key: row["overrides"].get(key, "") for key in override_keys},
+             **{key: _cell(row.get(key, "")) for key in metric_keys + TRAILING_COLUMNS}}
             for row in results]
     tmp = sweep_dir / f".summary.csv.{os.getpid()}.tmp"
     with open(tmp, "w", newline="") as file:
@@ -39,6 +45,10 @@ def write_summary(sweep_dir: Path) -> list[dict]:
         writer.writerows(rows)
     os.replace(tmp, sweep_dir / "summary.csv")
     return rows
+
+
+def _cell(value):
+    return f"{value:.6g}" if isinstance(value, float) else value
 
 
 def _ordered_keys(dicts) -> list[str]:

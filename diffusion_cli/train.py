@@ -6,6 +6,7 @@ form x_t = q_sample(x0, t, eps), and regress the model's output on eps with an M
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -85,6 +86,16 @@ def reconstructions(model, schedule: NoiseSchedule, images: torch.Tensor, seed: 
     return torch.cat(rows)
 
 
+def learning_rate(step: int, tc) -> float:
+    """Linear warm-up to trainer.lr, then constant or a cosine decay to 0 at max_steps."""
+    if step <= tc.lr_warmup_steps:
+        return tc.lr * step / tc.lr_warmup_steps
+    if tc.lr_schedule == "constant":
+        return tc.lr
+    progress = (step - tc.lr_warmup_steps) / max(1, tc.max_steps - tc.lr_warmup_steps)
+    return tc.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def due(step: int, every: int, last_step: int) -> bool:
     """Whether periodic work (every N steps; 0 = only at the end) is due at `step`."""
     return step == last_step or (every > 0 and step % every == 0)
@@ -117,7 +128,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     progress = tqdm(total=tc.max_steps, desc="training", unit="step", dynamic_ncols=True)
     with logging_redirect_tqdm(), metrics_file, progress:
         for step in range(1, tc.max_steps + 1):
-            lr = tc.lr * min(1.0, step / tc.lr_warmup_steps) if tc.lr_warmup_steps else tc.lr
+            lr = learning_rate(step, tc)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             index = torch.randint(0, len(train_images), (tc.batch_size,), generator=generator, device=device)
@@ -146,7 +157,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             if record:
                 metrics_file.write(json.dumps({"step": step, **record}) + "\n")
                 metrics_file.flush()
-                result.update(record)
+                result.update((key, value) for key, value in record.items() if key != "lr")
             interval_start += time.perf_counter() - work_started  # images/s counts training only
 
     result.update(steps=tc.max_steps, wall_s=time.perf_counter() - started)

@@ -7,7 +7,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # Real MNIST in torchvision's layout lies beside the checkout; CI sets the same variable.
-os.environ.setdefault("DIFFUSION_CLI_DATA", str(ROOT.parent / "shared" / "data"))
+# Made absolute: the CLI tests run in other working directories.
+os.environ["DIFFUSION_CLI_DATA"] = os.path.abspath(
+    os.environ.get("DIFFUSION_CLI_DATA", ROOT.parent / "shared" / "data"))
 
 # Tiny settings that keep a whole training run to a few seconds on 2 CPU cores.
 TINY_TRAIN = [

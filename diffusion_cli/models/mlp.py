@@ -28,7 +28,7 @@ class MLP(nn.Module):
     than the number of pixels: much of the noise is a linear function of x_t whose scale depends
     on t (1 / sqrt(1 - alpha_bar_t) off the data), which the per-feature gain of t can express."""
 
-    def __init__(self, image_shape: tuple[int, int, int], width: int = 512, depth: int = 3):
+    def __init__(self, image_shape: tuple[int, int, int], width: int = 256, depth: int = 2):
         super().__init__()
         self.image_shape = tuple(image_shape)
         features = math.prod(image_shape)
@@ -37,6 +37,8 @@ class MLP(nn.Module):
         self.blocks = nn.ModuleList(ResidualBlock(width) for _ in range(depth))
         self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, features))
         self.skip = nn.Linear(features, features)
+        nn.init.eye_(self.skip.weight)  # start from eps = x_t, right for pure noise
+        nn.init.zeros_(self.skip.bias)
         self.gain = nn.Linear(width, features)  # log-gain: the scale spans 1 to ~100 over t
         nn.init.zeros_(self.gain.weight)
         nn.init.zeros_(self.gain.bias)

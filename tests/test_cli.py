@@ -1,0 +1,134 @@
+"""The console scripts end to end, as a user runs them: subprocesses, run dirs under tmp_path."""
+
+import csv
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import TINY_TRAIN, run_cli
+from diffusion_cli import checkpoint
+
+
+def test_train_writes_a_complete_run_dir(trained_run):
+    for path in [".hydra/config.yaml", "train.log", "metrics.jsonl", "result.json",
+                 "checkpoints/last.pt", "checkpoints/step_0000003.pt", "checkpoints/step_0000006.pt",
+                 "samples/step_0000003.png", "samples/step_0000006.png",
+                 "reconstructions/step_0000006.png"]:
+        assert (trained_run / path).is_file(), path
+    lines = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [2, 3, 4, 6]
+    assert {"loss", "lr", "images_per_s", "eval_loss", "rms", "valid_frac"} <= lines[-1].keys()
+    assert all(l["loss"] > 0 for l in lines if "loss" in l)
+
+
+def test_checkpoint_is_self_describing_and_loads_with_weights_only(trained_run):
+    state = torch.load(trained_run / "checkpoints" / "last.pt", weights_only=True)
+    assert {"model", "config", "step", "optimizer", "format_version", "rng"} <= state.keys()
+    assert state["step"] == 6 and type(state["config"]) is dict
+    assert state["config"]["model"]["kind"] == "mlp" and state["config"]["schedule"]["T"] == 20
+    model, schedule, config = checkpoint.load(trained_run)
+    assert schedule.T == 20 and config.data.kind == "gradients" and not model.training
+    x = torch.zeros(2, 3, 16, 16)
+    assert model(x, torch.tensor([0, 19])).shape == x.shape
+
+
+def test_sample_from_a_run_dir_is_reproducible(trained_run, tmp_path):
+    outputs = []
+    for name in ("a", "b"):
+        result = run_cli("diffusion-sample", f"ckpt={trained_run}", "num_samples=5", "batch_size=2",
+                         "seed=7", f"hydra.run.dir={tmp_path / name}", cwd=tmp_path)
+        assert str(tmp_path / name / "samples.png") in result.stdout
+        outputs.append(torch.load(tmp_path / name / "samples.pt", weights_only=True))
+    assert outputs[0].shape == (5, 3, 16, 16)
+    assert outputs[0].min() >= 0 and outputs[0].max() <= 1
+    torch.testing.assert_close(outputs[0], outputs[1])
+    assert (tmp_path / "a" / "samples.png").stat().st_size > 0
+
+
+def test_sample_accepts_a_checkpoint_file_and_a_respaced_sampler(trained_run, tmp_path):
+    run_cli("diffusion-sample", f"ckpt={trained_run / 'checkpoints' / 'step_0000003.pt'}",
+            "num_samples=3", "sampler.steps=5", f"hydra.run.dir={tmp_path / 's'}", cwd=tmp_path)
+    assert torch.load(tmp_path / "s" / "samples.pt", weights_only=True).shape == (3, 3, 16, 16)
+
+
+def test_relative_paths_resolve_from_the_working_directory(trained_run, tmp_path):
+    """version_base 1.3: Hydra does not change directory, so a relative ckpt= works."""
+    relative = os.path.relpath(trained_run, tmp_path)
+    run_cli("diffusion-sample", f"ckpt={relative}", "num_samples=2", cwd=tmp_path)
+    assert len(list((tmp_path / "outputs").glob("*/*-sample/samples.png"))) == 1
+
+
+def test_unet_on_mnist_trains_and_samples(tmp_path):
+    if not os.path.isdir(os.path.join(os.environ["DIFFUSION_CLI_DATA"], "MNIST")):
+        pytest.skip("no MNIST beside the checkout")
+    run_dir = tmp_path / "mnist"
+    run_cli("diffusion-train", "model=unet", "data=mnist", "data.num_train=64", "data.num_eval=8",
+            "model.base_channels=8", "model.time_dim=16", "schedule.T=10", "trainer.batch_size=8",
+            "trainer.max_steps=2", "trainer.num_eval_images=8", "trainer.num_grid_images=2",
+            f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert (run_dir / "samples" / "step_0000002.png").is_file()
+    run_cli("diffusion-sample", f"ckpt={run_dir}", "num_samples=2", f"hydra.run.dir={tmp_path / 's'}",
+            cwd=tmp_path)
+    assert torch.load(tmp_path / "s" / "samples.pt", weights_only=True).shape == (2, 1, 28, 28)
+
+
+def read_summary(sweep_dir):
+    with open(sweep_dir / "summary.csv") as file:
+        return list(csv.DictReader(file))
+
+
+def test_sweep_runs_every_combination_and_writes_a_summary(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    tiny = [arg for arg in TINY_TRAIN if not arg.startswith("schedule.T=")]
+    run_cli("diffusion-train", "-m", "schedule.T=10,20", "schedule.beta_end=0.01,0.02", *tiny,
+            f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
+    rows = read_summary(sweep_dir)
+    assert len(rows) == 4 and len(list(sweep_dir.glob("*/checkpoints/last.pt"))) == 4
+    assert {(r["schedule.T"], r["schedule.beta_end"]) for r in rows} == \
+        {("10", "0.01"), ("10", "0.02"), ("20", "0.01"), ("20", "0.02")}
+    header = list(rows[0])
+    assert header[:2] == ["schedule.T", "schedule.beta_end"]  # the swept keys, not the constant ones
+    for column in ("loss", "eval_loss", "rms", "valid_frac", "steps", "wall_s", "run_dir", "status"):
+        assert column in header
+    assert all(r["status"] == "ok" and float(r["eval_loss"]) > 0 and r["steps"] == "6" for r in rows)
+
+
+def test_a_failing_sweep_job_is_recorded_and_the_others_still_run(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    tiny = [arg for arg in TINY_TRAIN if not arg.startswith("schedule.T=")]
+    result = run_cli("diffusion-train", "-m", "schedule.T=0,10", *tiny,
+                     f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path, check=False)
+    assert result.returncode == 1
+    assert "1 of 2 sweep jobs failed" in result.stderr and "Traceback" not in result.stderr
+    rows = {r["schedule.T"]: r for r in read_summary(sweep_dir)}
+    assert rows["0"]["status"] == "failed" and "schedule.T" in rows["0"]["error"]
+    assert rows["10"]["status"] == "ok"
+
+
+@pytest.mark.parametrize("script, args, named", [
+    ("diffusion-train", ["schedule.T=abc"], "schedule.T"),
+    ("diffusion-train", ["model=unett"], "unett"),
+    ("diffusion-train", ["trainer.no_such_key=1"], "no_such_key"),
+    ("diffusion-train", ["schedule.T=0"], "schedule.T"),
+    ("diffusion-train", ["schedule.beta_start=0.5"], "beta_start"),
+    ("diffusion-train", ["trainer.batch_size=0"], "trainer.batch_size"),
+    ("diffusion-train", ["trainer.lr=-1"], "trainer.lr"),
+    ("diffusion-train", ["data=mnist", "data.root=nowhere", "data.download=false"], "nowhere"),
+    ("diffusion-train", ["model=unet", "data.height=18"], "divisible by 4"),
+    ("diffusion-sample", [], "ckpt"),
+    ("diffusion-sample", ["ckpt=missing.pt"], "missing.pt"),
+    ("diffusion-sample", ["ckpt=empty_dir"], "empty_dir"),
+    ("diffusion-sample", ["ckpt=not_a_checkpoint.pt"], "not_a_checkpoint.pt"),
+    ("diffusion-sample", ["ckpt=x.pt", "num_samples=0"], "num_samples"),
+])
+def test_bad_input_is_one_line_and_a_non_zero_exit(tmp_path, script, args, named):
+    (tmp_path / "empty_dir").mkdir()
+    (tmp_path / "not_a_checkpoint.pt").write_text("hello")
+    (tmp_path / "x.pt").write_text("")
+    result = run_cli(script, *args, cwd=tmp_path, check=False)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    error_lines = result.stderr.strip().splitlines()
+    assert len(error_lines) == 1 and named in error_lines[0] and "error" in error_lines[0]

@@ -1,0 +1,93 @@
+import itertools
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+import diffusion_cli.config  # noqa: F401  registers the schemas
+from diffusion_cli.config import validate
+from diffusion_cli.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+GROUPS = {group: sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
+          for group in ("data", "model", "schedule", "trainer", "sampler")}
+
+
+def compose_train(*overrides):
+    with initialize_config_module("diffusion_cli.conf", version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("choice", list(itertools.product(*GROUPS.values())),
+                         ids=lambda c: ",".join(c))
+def test_every_group_combination_composes_and_validates(choice):
+    cfg = compose_train(*(f"{group}={option}" for group, option in zip(GROUPS, choice)))
+    validate(cfg)
+    for group, option in zip(GROUPS, choice):
+        assert cfg[group].get("kind", option) == option or group == "trainer"
+
+
+def test_every_group_file_names_what_it_builds():
+    for group in ("data", "model", "schedule", "sampler"):
+        for path in (ROOT / "conf" / group).glob("*.yaml"):
+            assert OmegaConf.load(path).kind == path.stem
+
+
+def test_sample_config_composes_with_its_sampler_group():
+    with initialize_config_module("diffusion_cli.conf", version_base="1.3"):
+        cfg = compose("sample", overrides=["ckpt=x.pt", "sampler.steps=10"])
+    assert cfg.ckpt == "x.pt" and cfg.sampler.kind == "ddpm" and cfg.sampler.steps == 10
+
+
+@pytest.mark.parametrize("override", ["schedule.T=abc", "trainer.lr=fast", "data.download=maybe",
+                                      "model=unett", "trainer.no_such_key=1"])
+def test_wrong_types_and_unknown_names_fail_at_compose_time(override):
+    with pytest.raises(ConfigCompositionException):
+        compose_train(override)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("schedule.T=0", "schedule.T"),
+    ("schedule.beta_start=0", "schedule.beta_start"),
+    ("schedule.beta_end=1.5", "schedule.beta_end"),
+    ("schedule.beta_start=0.03", "schedule.beta_start"),   # above beta_end
+    ("trainer.batch_size=-1", "trainer.batch_size"),
+    ("trainer.lr=-0.1", "trainer.lr"),
+    ("trainer.max_steps=0", "trainer.max_steps"),
+    ("trainer.lr_schedule=step", "trainer.lr_schedule"),
+    ("sampler.steps=5000", "sampler.steps"),
+    ("model.depth=-2", "model.depth"),
+])
+def test_out_of_range_values_name_their_key(override, key):
+    with pytest.raises(UserError, match=key.replace(".", r"\.")) as error:
+        validate(compose_train(override))
+    assert "\n" not in str(error.value)
+
+
+def test_wheel_install_finds_its_config_from_another_directory(tmp_path):
+    """conf/ ships inside the wheel as diffusion_cli.conf, group folders included."""
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-w", str(tmp_path / "dist"), str(ROOT)], check=True, capture_output=True)
+    wheel = next((tmp_path / "dist").glob("diffusion_cli-*.whl"))
+    target = tmp_path / "target"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target),
+                    str(wheel)], check=True, capture_output=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    code = (
+        "import diffusion_cli, diffusion_cli.config\n"
+        "from hydra import compose, initialize_config_module\n"
+        f"assert diffusion_cli.__file__.startswith({str(target)!r}), diffusion_cli.__file__\n"
+        "with initialize_config_module('diffusion_cli.conf', version_base='1.3'):\n"
+        "    cfg = compose('train', overrides=['model=unet', 'data=mnist'])\n"
+        "print(cfg.model.kind, cfg.data.kind, cfg.schedule.T)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, capture_output=True, text=True,
+                            env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["unet", "mnist", "1000"]
+    assert (target / "diffusion_cli" / "conf" / "model" / "unet.yaml").is_file()
