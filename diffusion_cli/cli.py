@@ -15,6 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .config import validate
 from .errors import UserError
+from .stopping import Stopped
 from .sweep import write_result, write_summary
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ def console_script(hydra_main):
             if full_error:
                 raise
             fail(describe(error))
+        except KeyboardInterrupt:  # a second Ctrl-C during training, or one outside it
+            fail("interrupted", code=130)
     return entry
 
 
@@ -92,6 +95,9 @@ def run_task(task, cfg: DictConfig) -> None:
     try:
         validate(cfg)
         metrics = task(cfg, run_dir)
+    except Stopped as stopped:  # a signal: the whole command stops, sweep included
+        write_result(run_dir, overrides, {}, "stopped", str(stopped))
+        fail(str(stopped), code=stopped.exit_code)
     except UserError as error:
         if not multirun:
             fail(str(error))

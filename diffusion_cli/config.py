@@ -6,6 +6,7 @@ with `- /schema/<group>/<option>@_here_` in its defaults list.
 """
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -71,6 +72,7 @@ class TrainerConfig:
     keep_checkpoints: int = MISSING
     num_eval_images: int = MISSING
     num_grid_images: int = MISSING
+    max_nonfinite_skips: int = MISSING
 
 
 @dataclass
@@ -104,6 +106,19 @@ def register_schemas() -> None:
 
 
 register_schemas()
+
+
+def resume_run_dir(resume: str | None, default: str) -> str:
+    """hydra.run.dir: a new dir, or for `resume=` the run dir of that checkpoint."""
+    if resume is None:
+        return default
+    path = Path(resume)
+    return str(path.parent.parent if path.suffix == ".pt" else path)
+
+
+OmegaConf.register_new_resolver("resume_run_dir", resume_run_dir, replace=True)
+OmegaConf.register_new_resolver("resume_output_subdir",
+                                lambda resume: ".hydra" if resume is None else None, replace=True)
 
 
 LR_SCHEDULES = ("cosine", "constant")
@@ -149,6 +164,7 @@ RULES = [
     ("trainer.keep_checkpoints", _non_negative, "an integer >= 0"),
     ("trainer.num_eval_images", _positive, "an integer >= 1"),
     ("trainer.num_grid_images", _positive, "an integer >= 1"),
+    ("trainer.max_nonfinite_skips", _non_negative, "an integer >= 0"),
     ("sampler.steps", lambda v: v is None or v >= 1, "null (all T) or an integer >= 1"),
     ("num_samples", _positive, "an integer >= 1"),
     ("batch_size", _positive, "an integer >= 1"),
@@ -162,6 +178,11 @@ def validate(cfg: DictConfig) -> None:
         if OmegaConf.is_missing(cfg, "ckpt"):
             raise UserError("ckpt is required: diffusion-sample ckpt=RUN_DIR (or a .pt checkpoint file)")
         checkpoint.resolve(cfg.ckpt)
+    if cfg.get("resume") is not None:  # diffusion-train resume=
+        path = checkpoint.resolve(cfg.resume, key="resume")
+        if path.parent.name != "checkpoints":
+            raise UserError(f"resume={cfg.resume} is not inside a run dir: give a diffusion-train "
+                            f"run dir or a checkpoint in its checkpoints/ folder")
     for key, test, allowed in RULES:
         value = OmegaConf.select(cfg, key, default=MISSING)
         if value is not MISSING and not test(value):

@@ -7,25 +7,29 @@ form x_t = q_sample(x0, t, eps), and regress the model's output on eps with an M
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import checkpoint
 from .cli import console_script, run_task
-from .config import resolve_device, to_plain
+from .config import resolve_device, to_plain, validate
 from .data import load_data
+from .errors import UserError
 from .images import save_grid, to_unit
 from .metrics import gradient_quality
 from .models import build_model, image_shape
 from .sampling import sample_images
 from .schedule import NoiseSchedule
+from .stopping import GracefulStop, Stopped
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +105,56 @@ def due(step: int, every: int, last_step: int) -> bool:
     return step == last_step or (every > 0 and step % every == 0)
 
 
+# Keys that may change when a run is resumed: how long it runs, where, and what it logs and keeps.
+RESUMABLE = ("trainer.max_steps", "trainer.device", "trainer.log_every", "trainer.eval_every",
+             "trainer.sample_every", "trainer.checkpoint_every", "trainer.keep_checkpoints",
+             "trainer.num_grid_images", "trainer.max_nonfinite_skips", "sampler")
+
+
+def resumed_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, dict]:
+    """The checkpoint's own config with the command line's resumable overrides applied, and the
+    checkpoint itself. Any other override is refused: it would not be the same run."""
+    state = checkpoint.read(cfg.resume, key="resume")
+    saved = OmegaConf.create(state["config"])
+    for override in overrides:
+        key = override.partition("=")[0].lstrip("+~")
+        if key == "resume" or key.startswith("hydra."):
+            continue
+        if not any(key == allowed or key.startswith(allowed + ".") for allowed in RESUMABLE):
+            raise UserError(f"{key} cannot change when resuming (the run has {key}="
+                            f"{OmegaConf.select(saved, key)}): drop that override, or start a new run")
+        OmegaConf.update(saved, key, OmegaConf.select(cfg, key), merge=False)
+    saved.resume = cfg.resume
+    validate(saved)
+    if state["step"] >= saved.trainer.max_steps:
+        raise UserError(f"resume={cfg.resume} is at step {state['step']}, trainer.max_steps is "
+                        f"{saved.trainer.max_steps}: raise trainer.max_steps to train further")
+    return saved, state
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """Drop metrics logged after `step` (or cut off mid-line by a kill): the resumed run logs them
+    again, so the file has every step once."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError):
+            pass
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Train as `cfg` says, writing everything into run_dir; returns the final metrics."""
+    state = None
+    if cfg.get("resume") is not None:
+        overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+        cfg, state = resumed_config(cfg, overrides)
     tc = cfg.trainer
     device = resolve_device(tc.device, key="trainer.device")
     log.info(f"run dir: {run_dir}  (device {device})")
@@ -117,17 +169,22 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     # The training stream: batch indices, timesteps, noise. Evaluation and grids use their own
     # fixed-seed generators, so they never shift it.
     generator = torch.Generator(device).manual_seed(tc.seed)
+    start_step = 0
+    if state is not None:
+        start_step = restore(state, model, optimizer, generator)
+        keep_metrics_until(run_dir / "metrics.jsonl", start_step)
+        log.info(f"resuming {cfg.resume} from step {start_step}")
     evaluator = Evaluator(eval_images[: tc.num_eval_images], schedule, tc.batch_size, tc.seed)
     grid_shape = (tc.num_grid_images, *image_shape(cfg.data))
     log.info(f"model {cfg.model.kind}: {sum(p.numel() for p in model.parameters()):,} parameters; "
              f"{len(train_images):,} training images of shape {tuple(grid_shape[1:])}")
 
     metrics_file = open(run_dir / "metrics.jsonl", "a")
-    result = {}
-    running_loss, logged_step, interval_start = torch.zeros((), device=device), 0, time.perf_counter()
-    progress = tqdm(total=tc.max_steps, desc="training", unit="step", dynamic_ncols=True)
-    with logging_redirect_tqdm(), metrics_file, progress:
-        for step in range(1, tc.max_steps + 1):
+    result, nonfinite_steps = {}, 0
+    running_loss, logged_step, interval_start = torch.zeros((), device=device), start_step, time.perf_counter()
+    progress = tqdm(total=tc.max_steps, initial=start_step, desc="training", unit="step", dynamic_ncols=True)
+    with logging_redirect_tqdm(), metrics_file, progress, GracefulStop() as stop:
+        for step in range(start_step + 1, tc.max_steps + 1):
             lr = learning_rate(step, tc)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -135,12 +192,19 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             loss = training_loss(model, schedule, train_images[index], generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
-            running_loss += loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+            if not torch.isfinite(loss + grad_norm):  # one host sync per step
+                nonfinite_steps += 1
+                check_nonfinite(step, loss, nonfinite_steps, cfg, run_dir)
+                log.warning(f"step {step}: non-finite loss or gradient, update skipped "
+                            f"({nonfinite_steps} of trainer.max_nonfinite_skips={tc.max_nonfinite_skips})")
+            else:
+                optimizer.step()
+                running_loss += loss.detach()
             progress.update()
 
             record = {}
-            if due(step, tc.log_every, tc.max_steps):  # the only host sync of the loop
+            if due(step, tc.log_every, tc.max_steps):
                 steps_done, elapsed = step - logged_step, time.perf_counter() - interval_start
                 record.update(loss=running_loss.item() / steps_done, lr=lr,
                               images_per_s=steps_done * tc.batch_size / elapsed)
@@ -152,12 +216,17 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 record["eval_loss"] = evaluator.loss(model)
             if due(step, tc.sample_every, tc.max_steps):
                 record.update(write_grids(model, schedule, cfg, step, run_dir, eval_images, grid_shape))
-            if due(step, tc.checkpoint_every, tc.max_steps):
-                save_checkpoint(model, optimizer, generator, cfg, step, run_dir)
             if record:
                 metrics_file.write(json.dumps({"step": step, **record}) + "\n")
                 metrics_file.flush()
                 result.update((key, value) for key, value in record.items() if key != "lr")
+            if due(step, tc.checkpoint_every, tc.max_steps) or stop.requested:
+                save_checkpoint(model, optimizer, generator, cfg, step, run_dir)
+            if stop.requested:
+                raise Stopped(f"stopped by {stop.requested} at step {step}; saved "
+                              f"{run_dir / 'checkpoints' / 'last.pt'}. Resume with: "
+                              f"diffusion-train resume={run_dir}",
+                              exit_code=130 if stop.requested == "SIGINT" else 143)
             interval_start += time.perf_counter() - work_started  # images/s counts training only
 
     result.update(steps=tc.max_steps, wall_s=time.perf_counter() - started)
@@ -165,6 +234,31 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     log.info(f"wrote {run_dir}: checkpoints/last.pt, {last}, metrics.jsonl "
              f"(loss {result['loss']:.4f}, eval_loss {result['eval_loss']:.4f}, {result['wall_s']:.0f} s)")
     return result
+
+
+def check_nonfinite(step: int, loss: torch.Tensor, count: int, cfg: DictConfig, run_dir: Path) -> None:
+    """Stop the run on a non-finite loss or gradient once more than max_nonfinite_skips were seen.
+    Nothing is saved: checkpoints/last.pt keeps the last good state."""
+    if count <= cfg.trainer.max_nonfinite_skips:
+        return
+    last = run_dir / "checkpoints" / "last.pt"
+    kept = f"{last} (step {checkpoint.read(last)['step']}) is the last good state" if last.exists() \
+        else "no checkpoint was written yet"
+    raise UserError(f"non-finite loss or gradient at step {step} (loss {loss.item()}): the learning "
+                    f"rate may be too high (trainer.lr={cfg.trainer.lr}) or the numbers overflowed "
+                    f"(fp16); {kept}. Lower trainer.lr and resume, or allow "
+                    f"trainer.max_nonfinite_skips=N skipped steps")
+
+
+def restore(state: dict, model, optimizer, generator) -> int:
+    """Load a checkpoint's model, optimizer and random streams; returns its step."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["rng"]["train"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["step"]
 
 
 def write_grids(model, schedule, cfg, step: int, run_dir: Path, eval_images, grid_shape) -> dict:
@@ -189,7 +283,11 @@ def save_checkpoint(model, optimizer, generator, cfg, step: int, run_dir: Path) 
         "config": to_plain(cfg),
         "rng": {"torch": torch.get_rng_state(), "train": generator.get_state()},
     }
+    if torch.cuda.is_available():
+        state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
     directory = run_dir / "checkpoints"
+    for stale in directory.glob(".*.tmp"):  # left by a process killed while writing
+        stale.unlink()
     keep = cfg.trainer.keep_checkpoints
     if keep > 0 and cfg.trainer.checkpoint_every > 0 and step % cfg.trainer.checkpoint_every == 0:
         checkpoint.save(state, directory / f"step_{step:07d}.pt")

@@ -25,9 +25,10 @@ def script(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
 
 
-def run_cli(name: str, *args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+def run_cli(name: str, *args: str, cwd: Path, check: bool = True, env: dict | None = None
+            ) -> subprocess.CompletedProcess:
     result = subprocess.run([script(name), *args], cwd=cwd, capture_output=True, text=True,
-                            env={**os.environ, "HYDRA_FULL_ERROR": ""}, timeout=600)
+                            env={**os.environ, "HYDRA_FULL_ERROR": "", **(env or {})}, timeout=600)
     if check and result.returncode != 0:
         raise AssertionError(f"{name} {' '.join(args)} exited {result.returncode}:\n"
                              f"{result.stdout}\n{result.stderr}")

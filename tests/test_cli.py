@@ -107,28 +107,53 @@ def test_a_failing_sweep_job_is_recorded_and_the_others_still_run(tmp_path):
     assert rows["10"]["status"] == "ok"
 
 
-@pytest.mark.parametrize("script, args, named", [
-    ("diffusion-train", ["schedule.T=abc"], "schedule.T"),
-    ("diffusion-train", ["model=unett"], "unett"),
-    ("diffusion-train", ["trainer.no_such_key=1"], "no_such_key"),
+def snapshot(directory):
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in directory.rglob("*") if p.is_file()}
+
+
+# Offline for torchvision's download, whatever the machine: every request goes to a closed port.
+OFFLINE = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
+
+BAD_INPUT = [
+    ("diffusion-train", ["model=unett"], "unett"),                            # unknown group option
+    ("diffusion-train", ["trainer.no_such_key=1"], "no_such_key"),           # unknown key
+    ("diffusion-train", ["schedule.T=abc"], "schedule.T"),                   # wrong type
     ("diffusion-train", ["schedule.T=0"], "schedule.T"),
-    ("diffusion-train", ["schedule.beta_start=0.5"], "beta_start"),
+    ("diffusion-train", ["schedule.beta_end=1.5"], "schedule.beta_end"),     # beta outside (0, 1)
+    ("diffusion-train", ["schedule.beta_start=0.5"], "beta_start"),          # beta_start > beta_end
     ("diffusion-train", ["trainer.batch_size=0"], "trainer.batch_size"),
     ("diffusion-train", ["trainer.lr=-1"], "trainer.lr"),
     ("diffusion-train", ["data=mnist", "data.root=nowhere", "data.download=false"], "nowhere"),
-    ("diffusion-train", ["model=unet", "data.height=18"], "divisible by 4"),
+    ("diffusion-train", ["data=mnist", "data.root=nowhere", "data.download=true"], "downloading it failed"),
+    ("diffusion-train", ["hydra.run.dir=/proc/no/run"], "/proc/no/run"),     # unwritable output dir
+    ("diffusion-train", ["model=unet", "data.height=18"], "divisible by 4"),  # shape the U-Net can't take
+    ("diffusion-train", ["resume=missing_run"], "missing_run"),
     ("diffusion-sample", [], "ckpt"),
     ("diffusion-sample", ["ckpt=missing.pt"], "missing.pt"),
     ("diffusion-sample", ["ckpt=empty_dir"], "empty_dir"),
     ("diffusion-sample", ["ckpt=not_a_checkpoint.pt"], "not_a_checkpoint.pt"),
     ("diffusion-sample", ["ckpt=x.pt", "num_samples=0"], "num_samples"),
-])
-def test_bad_input_is_one_line_and_a_non_zero_exit(tmp_path, script, args, named):
+    ("diffusion-sample", ["ckpt=TRAINED", "sampler.steps=0"], "sampler.steps"),
+    ("diffusion-sample", ["ckpt=TRAINED", "sampler.steps=5000"], "sampler.steps"),
+]
+
+
+@pytest.mark.parametrize("script, args, named", BAD_INPUT)
+def test_bad_input_is_one_line_and_a_non_zero_exit(trained_run, tmp_path, script, args, named):
     (tmp_path / "empty_dir").mkdir()
     (tmp_path / "not_a_checkpoint.pt").write_text("hello")
     (tmp_path / "x.pt").write_text("")
-    result = run_cli(script, *args, cwd=tmp_path, check=False)
+    before = snapshot(trained_run)
+    args = [arg.replace("TRAINED", str(trained_run)) for arg in args]
+    result = run_cli(script, *args, cwd=tmp_path, check=False, env=OFFLINE)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     error_lines = result.stderr.strip().splitlines()
     assert len(error_lines) == 1 and named in error_lines[0] and "error" in error_lines[0]
+    assert snapshot(trained_run) == before  # nothing lost
+
+
+def test_hydra_full_error_shows_the_traceback(tmp_path):
+    result = run_cli("diffusion-train", "schedule.T=abc", cwd=tmp_path, check=False,
+                     env={"HYDRA_FULL_ERROR": "1"})
+    assert result.returncode != 0 and "Traceback" in result.stderr

@@ -1,0 +1,211 @@
+"""Resume after kill -9, graceful stop, the non-finite guard, and refused checkpoints."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY_TRAIN, run_cli, script
+
+# Big enough that a step and a checkpoint write take measurable time, small enough to stay fast.
+RESUMABLE_RUN = [arg for arg in TINY_TRAIN if not arg.startswith(("model.", "trainer."))] + [
+    "model.width=256", "model.depth=2", "trainer.device=cpu", "trainer.batch_size=64",
+    "trainer.max_steps=30", "trainer.log_every=1", "trainer.eval_every=10",
+    "trainer.sample_every=15", "trainer.checkpoint_every=3", "trainer.keep_checkpoints=2",
+    "trainer.num_eval_images=32", "trainer.num_grid_images=4",
+]
+
+
+def start(run_dir: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([script("diffusion-train"), *RESUMABLE_RUN, *extra, f"hydra.run.dir={run_dir}"],
+                            cwd=run_dir.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(process: subprocess.Popen, condition, timeout: float = 120) -> bool:
+    """Poll until condition() holds (True) or the process ended first (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        if process.poll() is not None:
+            return False
+        time.sleep(0.001)
+    raise TimeoutError("condition never held")
+
+
+def metric_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    steps = []
+    for line in path.read_text().splitlines():
+        try:
+            steps.append(json.loads(line)["step"])
+        except ValueError:
+            pass
+    return steps
+
+
+def checkpoint_write_started(run_dir: Path) -> bool:
+    directory = run_dir / "checkpoints"
+    return directory.is_dir() and any(name.startswith(".") and name.endswith(".tmp")
+                                      for name in os.listdir(directory))
+
+
+def last_checkpoint_step(run_dir: Path) -> int:
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"]
+
+
+def assert_same_state(a: dict, b: dict, path: str = "") -> None:
+    """Every tensor in two nested state dicts is bit-identical."""
+    assert type(a) is type(b), path
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            assert_same_state(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{path}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    else:
+        assert a == b, path
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    process = start(run_dir)
+    assert process.wait(timeout=300) == 0, process.communicate()[1]
+    return run_dir
+
+
+KILL_POINTS = {
+    "after the first checkpoint": lambda d: (d / "checkpoints" / "last.pt").exists(),
+    "between checkpoints": lambda d: any(s >= 11 for s in metric_steps(d)),
+    "while a checkpoint is being written": lambda d: any(s >= 16 for s in metric_steps(d))
+    and checkpoint_write_started(d),
+}
+
+
+@pytest.mark.parametrize("kill_point", list(KILL_POINTS))
+def test_resume_after_kill_9_is_bit_identical(straight_run, tmp_path, kill_point):
+    for attempt in range(5):  # a kill point can be missed when the process runs past it
+        run_dir = tmp_path / f"run{attempt}"
+        process = start(run_dir)
+        if wait_for(process, lambda: KILL_POINTS[kill_point](run_dir)):
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            break
+        process.wait()
+    else:
+        pytest.fail(f"never caught the process {kill_point}")
+    killed_at = last_checkpoint_step(run_dir)  # last.pt is loadable whatever the moment of the kill
+    assert 0 < killed_at < 30
+
+    resumed = run_cli("diffusion-train", f"resume={run_dir}", cwd=tmp_path)
+    assert f"from step {killed_at}" in resumed.stdout
+
+    final = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    expected = torch.load(straight_run / "checkpoints" / "last.pt", weights_only=True)
+    assert final["step"] == 30
+    for part in ("model", "optimizer", "rng"):
+        assert_same_state(final[part], expected[part], part)
+    # Every step logged exactly once, with the same losses as the uninterrupted run.
+    assert metric_steps(run_dir) == list(range(1, 31))
+    losses = lambda d: [json.loads(l).get("loss") for l in (d / "metrics.jsonl").read_text().splitlines()]
+    assert losses(run_dir) == losses(straight_run)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == \
+        ["last.pt", "step_0000027.pt", "step_0000030.pt"]  # no temp files left, two kept
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_saves_a_checkpoint_and_says_how_to_resume(tmp_path, sig, code):
+    run_dir = tmp_path / "run"
+    process = start(run_dir, "trainer.max_steps=100000", "trainer.checkpoint_every=0")
+    assert wait_for(process, lambda: len(metric_steps(run_dir)) >= 3)
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == code
+    assert f"resume={run_dir}" in stderr and "Traceback" not in stderr
+    step = last_checkpoint_step(run_dir)
+    assert step >= 3 and f"at step {step}" in stderr
+    resumed = run_cli("diffusion-train", f"resume={run_dir}", f"trainer.max_steps={step + 2}", cwd=tmp_path)
+    assert f"from step {step}" in resumed.stdout
+    assert last_checkpoint_step(run_dir) == step + 2
+
+
+def test_resume_refuses_overrides_that_would_change_the_run(straight_run, tmp_path):
+    before = (straight_run / "checkpoints" / "last.pt").read_bytes()
+    result = run_cli("diffusion-train", f"resume={straight_run}", "trainer.max_steps=40",
+                     "model.width=64", cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    assert "model.width cannot change when resuming" in result.stderr
+    result = run_cli("diffusion-train", f"resume={straight_run}", cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "raise trainer.max_steps" in result.stderr
+    assert (straight_run / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    # lr 1e30: step 1 blows the weights up (still finite), step 2's loss is infinite.
+    result = run_cli("diffusion-train", *TINY_TRAIN, "trainer.lr=1e30", "trainer.lr_warmup_steps=0",
+                     "trainer.checkpoint_every=1", f"hydra.run.dir={run_dir}", cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert "non-finite loss or gradient at step 2" in message and "trainer.lr" in message
+    assert last_checkpoint_step(run_dir) == 1
+
+
+def test_non_finite_steps_can_be_skipped(tmp_path):
+    run_dir = tmp_path / "run"
+    run_cli("diffusion-train", *TINY_TRAIN, "trainer.lr=1e30", "trainer.lr_warmup_steps=0",
+            "trainer.max_nonfinite_skips=100", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert "update skipped" in (run_dir / "train.log").read_text()
+    assert last_checkpoint_step(run_dir) == 6
+
+
+class CreatesAFile:
+    """A pickle whose loading would run code: open(path, 'w')."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+@pytest.mark.parametrize("script_name, key", [("diffusion-sample", "ckpt"), ("diffusion-train", "resume")])
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, script_name, key):
+    evidence = tmp_path / "pwned"
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    malicious = tmp_path / "run" / "checkpoints" / "last.pt"
+    torch.save({"format_version": 1, "model": CreatesAFile(str(evidence)), "config": {}}, malicious)
+    result = run_cli(script_name, f"{key}={malicious}", cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    assert "refused" in result.stderr and "Traceback" not in result.stderr
+    assert not evidence.exists()
+
+
+def test_unreadable_and_foreign_checkpoints_are_clear_errors(trained_run, tmp_path):
+    good = (trained_run / "checkpoints" / "last.pt").read_bytes()
+    cases = {
+        "truncated.pt": (good[: len(good) // 2], "not a readable checkpoint"),
+        "newer.pt": (None, "newer than this diffusion-cli"),
+        "mismatch.pt": (None, "do not match"),
+    }
+    state = torch.load(trained_run / "checkpoints" / "last.pt", weights_only=True)
+    torch.save({**state, "format_version": 99}, tmp_path / "newer.pt")
+    config = {**state["config"], "model": {**state["config"]["model"], "width": 64}}
+    torch.save({**state, "config": config}, tmp_path / "mismatch.pt")
+    (tmp_path / "truncated.pt").write_bytes(cases["truncated.pt"][0])
+    for name, (_, expected) in cases.items():
+        result = run_cli("diffusion-sample", f"ckpt={name}", cwd=tmp_path, check=False)
+        assert result.returncode == 2 and expected in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
