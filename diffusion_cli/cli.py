@@ -21,9 +21,9 @@ from .sweep import write_result, write_summary
 log = logging.getLogger(__name__)
 
 
-def fail(message: str, code: int = 2) -> None:
+def fail(message: str, code: int = 2, label: str = "error") -> None:
     """Print one line naming the problem and exit: no traceback for errors a user can fix."""
-    print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
+    print(f"{Path(sys.argv[0]).name}: {label}: {message}", file=sys.stderr)
     sys.exit(code)
 
 
@@ -41,7 +41,7 @@ def console_script(hydra_main):
                 raise
             fail(describe(error))
         except KeyboardInterrupt:  # a second Ctrl-C during training, or one outside it
-            fail("interrupted", code=130)
+            fail("interrupted", code=130, label="stopped")
     return entry
 
 
@@ -97,7 +97,7 @@ def run_task(task, cfg: DictConfig) -> None:
         metrics = task(cfg, run_dir)
     except Stopped as stopped:  # a signal: the whole command stops, sweep included
         write_result(run_dir, overrides, {}, "stopped", str(stopped))
-        fail(str(stopped), code=stopped.exit_code)
+        fail(str(stopped), code=stopped.exit_code, label="stopped")
     except UserError as error:
         if not multirun:
             fail(str(error))

@@ -223,7 +223,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             if due(step, tc.checkpoint_every, tc.max_steps) or stop.requested:
                 save_checkpoint(model, optimizer, generator, cfg, step, run_dir)
             if stop.requested:
-                raise Stopped(f"stopped by {stop.requested} at step {step}; saved "
+                raise Stopped(f"{stop.requested} at step {step}; saved "
                               f"{run_dir / 'checkpoints' / 'last.pt'}. Resume with: "
                               f"diffusion-train resume={run_dir}",
                               exit_code=130 if stop.requested == "SIGINT" else 143)
