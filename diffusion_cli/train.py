@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import random
 import time
 from pathlib import Path
 
@@ -256,6 +257,7 @@ def restore(state: dict, model, optimizer, generator) -> int:
     optimizer.load_state_dict(state["optimizer"])
     generator.set_state(state["rng"]["train"])
     torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return state["step"]
@@ -281,7 +283,8 @@ def save_checkpoint(model, optimizer, generator, cfg, step: int, run_dir: Path) 
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "config": to_plain(cfg),
-        "rng": {"torch": torch.get_rng_state(), "train": generator.get_state()},
+        "rng": {"torch": torch.get_rng_state(), "train": generator.get_state(),
+                "python": random.getstate()},
     }
     if torch.cuda.is_available():
         state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
