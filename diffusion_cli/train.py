@@ -162,6 +162,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     started = time.perf_counter()
 
     torch.manual_seed(tc.seed)  # model initialisation
+    random.seed(tc.seed)
     train_images, eval_images = load_data(cfg.data)
     train_images = train_images.to(device)  # in memory: batches are drawn by index on the device
     model = build_model(cfg.model, cfg.data).to(device)
