@@ -51,8 +51,8 @@ class UNetConfig:
 class ScheduleConfig:
     kind: str = MISSING
     T: int = MISSING
-    beta_start: float = MISSING
-    beta_end: float = MISSING
+    beta_start: Optional[float] = MISSING
+    beta_end: Optional[float] = MISSING
 
 
 @dataclass
@@ -83,6 +83,11 @@ class SamplerConfig:
 
 
 @dataclass
+class DDIMConfig(SamplerConfig):
+    eta: float = MISSING
+
+
+@dataclass
 class SampleConfig:
     """diffusion-sample's own keys; the model, schedule and data come from the checkpoint."""
     ckpt: str = MISSING
@@ -101,7 +106,8 @@ def register_schemas() -> None:
     store.store(group="schema/model", name="unet", node=UNetConfig)
     store.store(group="schema/schedule", name="schedule", node=ScheduleConfig)
     store.store(group="schema/trainer", name="trainer", node=TrainerConfig)
-    store.store(group="schema/sampler", name="sampler", node=SamplerConfig)
+    store.store(group="schema/sampler", name="ddpm", node=SamplerConfig)
+    store.store(group="schema/sampler", name="ddim", node=DDIMConfig)
     store.store(group="schema", name="sample", node=SampleConfig)
 
 
@@ -127,7 +133,7 @@ LR_SCHEDULES = ("cosine", "constant")
 # Range checks: (full key, test, what is allowed). Keys absent from a config are skipped.
 def _positive(v): return v >= 1
 def _non_negative(v): return v >= 0
-def _probability(v): return 0 < v < 1
+def _probability_or_none(v): return v is None or 0 < v < 1
 
 
 def _one_of(choices):
@@ -138,10 +144,10 @@ RULES = [
     ("data.kind", *_one_of(DATA_KINDS)),
     ("model.kind", *_one_of(tuple(MODELS))),
     ("schedule.kind", *_one_of(SCHEDULE_KINDS)),
-    ("sampler.kind", *_one_of(tuple(SAMPLERS))),
+    ("sampler.kind", *_one_of(SAMPLERS)),
     ("schedule.T", _positive, "an integer >= 1"),
-    ("schedule.beta_start", _probability, "a number strictly between 0 and 1"),
-    ("schedule.beta_end", _probability, "a number strictly between 0 and 1"),
+    ("schedule.beta_start", _probability_or_none, "a number strictly between 0 and 1"),
+    ("schedule.beta_end", _probability_or_none, "a number strictly between 0 and 1"),
     ("data.num_train", _positive, "an integer >= 1"),
     ("data.num_eval", _positive, "an integer >= 1"),
     ("data.channels", _positive, "an integer >= 1"),
@@ -166,6 +172,7 @@ RULES = [
     ("trainer.num_grid_images", _positive, "an integer >= 1"),
     ("trainer.max_nonfinite_skips", _non_negative, "an integer >= 0"),
     ("sampler.steps", lambda v: v is None or v >= 1, "null (all T) or an integer >= 1"),
+    ("sampler.eta", lambda v: 0 <= v <= 1, "a number from 0 (deterministic) to 1"),
     ("num_samples", _positive, "an integer >= 1"),
     ("batch_size", _positive, "an integer >= 1"),
     ("nrow", _non_negative, "an integer >= 0 (0: a square grid)"),
@@ -188,7 +195,7 @@ def validate(cfg: DictConfig) -> None:
         if value is not MISSING and not test(value):
             raise UserError(f"{key}={value} is not allowed: use {allowed}")
     schedule = cfg.get("schedule")
-    if schedule is not None and schedule.beta_start > schedule.beta_end:
+    if schedule is not None and schedule.kind == "linear" and schedule.beta_start > schedule.beta_end:
         raise UserError(f"schedule.beta_start={schedule.beta_start} is above schedule.beta_end="
                         f"{schedule.beta_end}: the noise must grow, so use beta_start <= beta_end")
     if schedule is not None and "sampler" in cfg:

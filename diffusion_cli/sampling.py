@@ -43,29 +43,74 @@ def ddpm(model: nn.Module, schedule: NoiseSchedule, x: torch.Tensor, *, clip_x0:
     return torch.stack(trajectory) if return_all_steps else x
 
 
-SAMPLERS = {"ddpm": ddpm}
+def ddim_timesteps(T: int, steps: int) -> list[int]:
+    """"Trailing" spacing (diffusers' timestep_spacing="trailing"): T-1, T-1-T/steps, ...; the step
+    after the last one goes to alpha_bar = 1."""
+    return [round(T - k * T / steps) - 1 for k in range(steps)]
+
+
+def ddim_step(schedule: NoiseSchedule, eps: torch.Tensor, t: int, t_prev: int, x: torch.Tensor,
+              eta: float, noise: torch.Tensor | None, clip_x0: bool = True) -> torch.Tensor:
+    """One DDIM step x_t -> x_{t_prev} (Song et al. 2021, eq. 12); t_prev = -1 means alpha_bar = 1.
+    eta = 0 is deterministic, eta = 1 has the variance of DDPM's posterior."""
+    ab = schedule.alpha_bars[t]
+    ab_prev = schedule.alpha_bars[t_prev] if t_prev >= 0 else torch.ones_like(ab)
+    x0 = (x - (1 - ab).sqrt() * eps) / ab.sqrt()
+    if clip_x0:
+        x0 = x0.clamp(-1, 1)
+    sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
+    x_prev = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).sqrt() * eps
+    return x_prev + sigma * noise if eta > 0 and noise is not None else x_prev
+
+
+def ddim(model: nn.Module, schedule: NoiseSchedule, x: torch.Tensor, *, steps: int, eta: float = 0.0,
+         clip_x0: bool = True, generator: torch.Generator | None = None,
+         return_all_steps: bool = False, progress: bool = False) -> torch.Tensor:
+    """DDIM sampling from x = x_T over `steps` trailing-spaced timesteps of the training schedule."""
+    timesteps = ddim_timesteps(schedule.T, steps)
+    trajectory = [x]
+    for k, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):
+        t_prev = timesteps[k + 1] if k + 1 < len(timesteps) else -1
+        eps = model(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
+        noise = randn(x.shape, generator, x.device) if eta > 0 and t_prev >= 0 else None
+        x = ddim_step(schedule, eps, t, t_prev, x, eta, noise, clip_x0)
+        if return_all_steps:
+            trajectory.append(x)
+    return torch.stack(trajectory) if return_all_steps else x
+
+
+SAMPLERS = ("ddpm", "ddim")
 
 
 @torch.no_grad()
 def sample(model: nn.Module, schedule: NoiseSchedule, shape, *, sampler: str = "ddpm",
-           steps: int | None = None, clip_x0: bool = True, generator: torch.Generator | None = None,
-           device=None, return_all_steps: bool = False, progress: bool = False) -> torch.Tensor:
+           steps: int | None = None, clip_x0: bool = True, eta: float = 0.0,
+           generator: torch.Generator | None = None, device=None, return_all_steps: bool = False,
+           progress: bool = False, x_T: torch.Tensor | None = None) -> torch.Tensor:
     """Draw images of `shape` (B, C, H, W) from the model, in [-1, 1].
 
-    steps: sampling steps, default all T; fewer use respaced betas (Nichol & Dhariwal 2021).
+    sampler: "ddpm" (ancestral) or "ddim" (Song et al. 2021, with `eta` from 0 = deterministic
+    to 1 = DDPM-like noise).
+    steps: sampling steps, default all T; DDPM with fewer uses respaced betas (Nichol & Dhariwal
+    2021), DDIM trailing-spaced timesteps.
     return_all_steps: also return every intermediate x, as a (steps + 1, B, ...) tensor from x_T.
+    x_T: the initial noise; drawn from `generator` when not given.
     The model and schedule must be on `device` (default: the model's device).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler={sampler!r} is unknown; choose one of: {', '.join(SAMPLERS)}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    x = randn(shape, generator, device)
+    x = randn(shape, generator, device) if x_T is None else x_T.to(device)
     was_training = model.training
     model.eval()
+    steps = steps or schedule.T
+    options = dict(clip_x0=clip_x0, generator=generator, return_all_steps=return_all_steps,
+                   progress=progress)
     try:
-        result = SAMPLERS[sampler](model, schedule.respaced(steps or schedule.T), x, clip_x0=clip_x0,
-                                   generator=generator, return_all_steps=return_all_steps,
-                                   progress=progress)
+        if sampler == "ddpm":
+            result = ddpm(model, schedule.respaced(steps), x, **options)
+        else:
+            result = ddim(model, schedule, x, steps=steps, eta=eta, **options)
     finally:
         model.train(was_training)
     return result if return_all_steps else result.clamp(-1, 1)
@@ -74,14 +119,18 @@ def sample(model: nn.Module, schedule: NoiseSchedule, shape, *, sampler: str = "
 def sample_images(model: nn.Module, schedule: NoiseSchedule, sampler_cfg, shape, *, batch_size: int,
                   seed: int, progress: bool = False) -> torch.Tensor:
     """`shape[0]` images in [0, 1] on the CPU, drawn `batch_size` at a time with the sampler config
-    (kind, steps, clip_x0) from one CPU generator seeded with `seed`: the same seed gives the same
+    (kind, steps, clip_x0, and eta for DDIM) from one CPU generator seeded with `seed`: the same seed gives the same
     images on any device. Training grids and diffusion-sample both draw through here."""
     generator = torch.Generator().manual_seed(seed)
+    # All initial noise first: deterministic samplers (DDIM, eta 0) then give the same image for
+    # the same seed whatever batch_size splits the work.
+    x_T = torch.randn(tuple(shape), generator=generator)
     total, chunks = shape[0], []
     batches = range(0, total, batch_size)
     for start in tqdm(batches, desc="batches", disable=not progress or len(batches) == 1):
-        chunk = sample(model, schedule, (min(batch_size, total - start), *shape[1:]),
-                       sampler=sampler_cfg.kind, steps=sampler_cfg.steps, clip_x0=sampler_cfg.clip_x0,
-                       generator=generator, progress=progress)
+        noise = x_T[start:start + batch_size]
+        chunk = sample(model, schedule, noise.shape, sampler=sampler_cfg.kind, steps=sampler_cfg.steps,
+                       clip_x0=sampler_cfg.clip_x0, eta=sampler_cfg.get("eta", 0.0),
+                       generator=generator, progress=progress, x_T=noise)
         chunks.append(to_unit(chunk).cpu())
     return torch.cat(chunks)

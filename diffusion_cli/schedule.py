@@ -4,17 +4,29 @@ Timesteps are 0-based, t = 0 ... T-1, as in diffusers. Every method takes `t` as
 shape (B,), one timestep per sample, and works for x of any shape (B, ...).
 """
 
+import math
+
 import torch
 from torch import nn
 
 
-SCHEDULE_KINDS = ("linear",)
+SCHEDULE_KINDS = ("linear", "cosine")
 
 
-def make_betas(kind: str, T: int, beta_start: float, beta_end: float) -> torch.Tensor:
-    """The betas of a schedule, in float64."""
+def make_betas(kind: str, T: int, beta_start: float | None = None, beta_end: float | None = None
+               ) -> torch.Tensor:
+    """The betas of a schedule, in float64.
+
+    linear: evenly spaced from beta_start to beta_end (Ho et al. 2020).
+    cosine: alpha_bar(t) = cos^2(((t/T + s) / (1 + s)) pi/2) with s = 0.008, betas = 1 -
+    alpha_bar(t+1)/alpha_bar(t) capped at 0.999 (Nichol & Dhariwal 2021); beta_start/end unused.
+    """
     if kind == "linear":
         return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+    if kind == "cosine":
+        s = 0.008
+        f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
+        return (1 - f[1:] / f[:-1]).clamp(max=0.999)
     raise ValueError(f"schedule.kind={kind!r} is unknown; choose one of: {', '.join(SCHEDULE_KINDS)}")
 
 

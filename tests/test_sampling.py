@@ -6,9 +6,9 @@ from diffusion_cli.sampling import ddpm_step, sample
 from diffusion_cli.schedule import NoiseSchedule
 
 
-def tiny_model(seed=0):
+def tiny_model(seed=0, shape=(1, 4, 4)):
     torch.manual_seed(seed)
-    return MLP((1, 4, 4), width=16, depth=1).eval()
+    return MLP(shape, width=16, depth=1).eval()
 
 
 def test_last_step_adds_no_noise_and_returns_the_clipped_x0():
@@ -107,3 +107,61 @@ def test_whole_trajectory_matches_diffusers_ddpm_scheduler():
     theirs = torch.stack(theirs)
     assert ours.shape == theirs.shape
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_ddim_trailing_timesteps():
+    from diffusion_cli.sampling import ddim_timesteps
+    assert ddim_timesteps(1000, 50)[:3] == [999, 979, 959] and ddim_timesteps(1000, 50)[-1] == 19
+    assert ddim_timesteps(10, 10) == list(range(9, -1, -1))
+
+
+def test_whole_ddim_trajectory_matches_diffusers_at_eta_0():
+    diffusers = pytest.importorskip("diffusers")
+    scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
+                                        beta_schedule="linear", clip_sample=True, set_alpha_to_one=True,
+                                        timestep_spacing="trailing")
+    scheduler.set_timesteps(50)
+    s, model = NoiseSchedule(T=1000), tiny_model()
+    shape = (3, 1, 4, 4)
+    ours = sample(model, s, shape, sampler="ddim", steps=50, eta=0.0,
+                  generator=torch.Generator().manual_seed(0), return_all_steps=True)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    theirs = [x]
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(model(x, t.expand(shape[0])), t, x, eta=0.0).prev_sample
+            theirs.append(x)
+    torch.testing.assert_close(ours, torch.stack(theirs), atol=1e-4, rtol=1e-4)
+
+
+def test_ddim_single_steps_match_diffusers_at_eta_1():
+    diffusers = pytest.importorskip("diffusers")
+    from diffusion_cli.sampling import ddim_step
+    scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, clip_sample=True,
+                                        set_alpha_to_one=True, timestep_spacing="trailing")
+    scheduler.set_timesteps(50)
+    s = NoiseSchedule(T=1000)
+    x, eps, noise = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
+    for t in (999, 519, 39):
+        theirs = scheduler.step(eps, t, x, eta=1.0, variance_noise=noise).prev_sample
+        torch.testing.assert_close(ddim_step(s, eps, t, t - 20, x, 1.0, noise), theirs, atol=1e-5, rtol=1e-4)
+
+
+def test_ddim_gives_the_same_images_whatever_the_batch_split():
+    from omegaconf import OmegaConf
+    from diffusion_cli.sampling import sample_images
+    s, model = NoiseSchedule(T=100), tiny_model(shape=(1, 3, 5))
+    cfg = OmegaConf.create(dict(kind="ddim", steps=10, eta=0.0, clip_x0=True))
+    whole = sample_images(model, s, cfg, (41, 1, 3, 5), batch_size=41, seed=1)
+    split = sample_images(model, s, cfg, (41, 1, 3, 5), batch_size=7, seed=1)
+    torch.testing.assert_close(whole, split)
+    assert not torch.allclose(whole, sample_images(model, s, cfg, (41, 1, 3, 5), batch_size=41, seed=2))
+
+
+def test_cosine_schedule_matches_diffusers_squaredcos():
+    diffusers = pytest.importorskip("diffusers")
+    reference = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    s = NoiseSchedule(T=1000, kind="cosine")
+    torch.testing.assert_close(s.betas, reference.betas)
+    torch.testing.assert_close(s.alpha_bars, reference.alphas_cumprod, atol=1e-6, rtol=1e-5)
+    assert s.betas.max().item() == pytest.approx(0.999)
