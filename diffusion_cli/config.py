@@ -195,15 +195,25 @@ def validate(cfg: DictConfig) -> None:
         if value is not MISSING and not test(value):
             raise UserError(f"{key}={value} is not allowed: use {allowed}")
     schedule = cfg.get("schedule")
-    if schedule is not None and schedule.kind == "linear" and schedule.beta_start > schedule.beta_end:
-        raise UserError(f"schedule.beta_start={schedule.beta_start} is above schedule.beta_end="
-                        f"{schedule.beta_end}: the noise must grow, so use beta_start <= beta_end")
-    if schedule is not None and "sampler" in cfg:
-        check_sampler_steps(cfg.sampler, schedule.T)
+    if schedule is not None:
+        check_linear_betas(schedule)
+        if "sampler" in cfg:
+            check_sampler_steps(cfg.sampler, schedule.T)
     if "trainer" in cfg:
         resolve_device(cfg.trainer.device, key="trainer.device")
     if "device" in cfg:
         resolve_device(cfg.device)
+
+
+def check_linear_betas(schedule: DictConfig) -> None:
+    if schedule.kind != "linear":
+        return
+    if None in (schedule.beta_start, schedule.beta_end):
+        raise UserError("schedule=linear needs schedule.beta_start and schedule.beta_end: numbers "
+                        "strictly between 0 and 1")
+    if schedule.beta_start > schedule.beta_end:
+        raise UserError(f"schedule.beta_start={schedule.beta_start} is above schedule.beta_end="
+                        f"{schedule.beta_end}: the noise must grow, so use beta_start <= beta_end")
 
 
 def check_sampler_steps(sampler_cfg: DictConfig, T: int) -> None:
