@@ -119,8 +119,8 @@ def sample(model: nn.Module, schedule: NoiseSchedule, shape, *, sampler: str = "
 def sample_images(model: nn.Module, schedule: NoiseSchedule, sampler_cfg, shape, *, batch_size: int,
                   seed: int, progress: bool = False) -> torch.Tensor:
     """`shape[0]` images in [0, 1] on the CPU, drawn `batch_size` at a time with the sampler config
-    (kind, steps, clip_x0, and eta for DDIM) from one CPU generator seeded with `seed`: the same seed gives the same
-    images on any device. Training grids and diffusion-sample both draw through here."""
+    (kind, steps, clip_x0, and eta for DDIM) from one CPU generator seeded with `seed`: the same
+    seed gives the same images on any device. Training grids and diffusion-sample draw through here."""
     generator = torch.Generator().manual_seed(seed)
     # All initial noise first: deterministic samplers (DDIM, eta 0) then give the same image for
     # the same seed whatever batch_size splits the work.
