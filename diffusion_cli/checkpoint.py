@@ -5,13 +5,13 @@ A checkpoint holds `format_version`, `step`, `model` (state dict), `optimizer` (
 tensors). `load()` rebuilds model and schedule from that dict alone.
 """
 
-import os
 import pickle
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .atomic import atomic_write
 from .errors import UserError
 from .models import build_model
 from .schedule import NoiseSchedule
@@ -20,20 +20,9 @@ FORMAT_VERSION = 1
 
 
 def save(state: dict, path: Path) -> None:
-    """Write atomically: a temp file in the same dir, flushed and fsynced, then renamed over `path`,
-    so `path` is always either the old or the new complete checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as file:
+    """Write atomically, so `path` is always either the old or the new complete checkpoint."""
+    with atomic_write(path, "wb") as file:
         torch.save(state, file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # make the rename itself durable
-    finally:
-        os.close(directory)
 
 
 def resolve(path: str | Path, key: str = "ckpt") -> Path:

@@ -5,6 +5,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .images import to_unit
+from .models import eval_mode
 from .schedule import NoiseSchedule
 
 
@@ -55,7 +56,7 @@ def ddim_step(schedule: NoiseSchedule, eps: torch.Tensor, t: int, t_prev: int, x
     eta = 0 is deterministic, eta = 1 has the variance of DDPM's posterior."""
     ab = schedule.alpha_bars[t]
     ab_prev = schedule.alpha_bars[t_prev] if t_prev >= 0 else torch.ones_like(ab)
-    x0 = (x - (1 - ab).sqrt() * eps) / ab.sqrt()
+    x0 = schedule.predict_x0(x, torch.full((x.shape[0],), t, device=x.device), eps)
     if clip_x0:
         x0 = x0.clamp(-1, 1)
     sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
@@ -101,18 +102,14 @@ def sample(model: nn.Module, schedule: NoiseSchedule, shape, *, sampler: str = "
         raise ValueError(f"sampler={sampler!r} is unknown; choose one of: {', '.join(SAMPLERS)}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     x = randn(shape, generator, device) if x_T is None else x_T.to(device)
-    was_training = model.training
-    model.eval()
     steps = steps or schedule.T
     options = dict(clip_x0=clip_x0, generator=generator, return_all_steps=return_all_steps,
                    progress=progress)
-    try:
+    with eval_mode(model):
         if sampler == "ddpm":
             result = ddpm(model, schedule.respaced(steps), x, **options)
         else:
             result = ddim(model, schedule, x, steps=steps, eta=eta, **options)
-    finally:
-        model.train(was_training)
     return result if return_all_steps else result.clamp(-1, 1)
 
 

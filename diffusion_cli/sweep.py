@@ -6,8 +6,9 @@ jobs), the final metrics, then steps, wall_s, run_dir, status and error."""
 
 import csv
 import json
-import os
 from pathlib import Path
+
+from .atomic import atomic_write
 
 RESULT_FILE = "result.json"
 TRAILING_COLUMNS = ["steps", "wall_s", "run_dir", "status", "error"]
@@ -17,7 +18,8 @@ def write_result(run_dir: Path, overrides: list[str], metrics: dict, status: str
     """This job's row: the command-line overrides by full key, its final metrics and its status."""
     row = {"overrides": dict(_split(override) for override in overrides), **metrics,
            "run_dir": str(run_dir), "status": status, "error": error}
-    _write_atomically(run_dir / RESULT_FILE, json.dumps(row, indent=2))
+    with atomic_write(run_dir / RESULT_FILE) as file:
+        file.write(json.dumps(row, indent=2))
 
 
 def _split(override: str) -> tuple[str, str]:
@@ -38,12 +40,10 @@ def write_summary(sweep_dir: Path) -> list[dict]:
     rows = [{**{key: row["overrides"].get(key, "") for key in override_keys},
              **{key: _cell(row.get(key, "")) for key in metric_keys + TRAILING_COLUMNS}}
             for row in results]
-    tmp = sweep_dir / f".summary.csv.{os.getpid()}.tmp"
-    with open(tmp, "w", newline="") as file:
+    with atomic_write(sweep_dir / "summary.csv", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, sweep_dir / "summary.csv")
     return rows
 
 
@@ -61,8 +61,3 @@ def _ordered_keys(dicts) -> list[str]:
 def _job_order(name: str):
     return (0, int(name)) if name.isdigit() else (1, name)
 
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

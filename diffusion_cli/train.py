@@ -7,7 +7,6 @@ form x_t = q_sample(x0, t, eps), and regress the model's output on eps with an M
 import json
 import logging
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -21,13 +20,14 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import checkpoint
+from .atomic import atomic_write
 from .cli import console_script, run_task
 from .config import resolve_device, to_plain, validate
 from .data import load_data
 from .errors import UserError
 from .images import save_grid, to_unit
 from .metrics import gradient_quality
-from .models import build_model, image_shape
+from .models import build_model, eval_mode, image_shape
 from .sampling import sample_images
 from .schedule import NoiseSchedule
 from .stopping import GracefulStop, Stopped
@@ -61,15 +61,13 @@ class Evaluator:
     @torch.no_grad()
     def loss(self, model) -> float:
         device = self.schedule.betas.device
-        was_training = model.training
-        model.eval()
         total = 0.0
-        for start in range(0, len(self.images), self.batch_size):
-            x0, t, noise = (v[start:start + self.batch_size].to(device)
-                            for v in (self.images, self.t, self.noise))
-            prediction = model(self.schedule.q_sample(x0, t, noise), t)
-            total += F.mse_loss(prediction, noise, reduction="sum").item()
-        model.train(was_training)
+        with eval_mode(model):
+            for start in range(0, len(self.images), self.batch_size):
+                x0, t, noise = (v[start:start + self.batch_size].to(device)
+                                for v in (self.images, self.t, self.noise))
+                prediction = model(self.schedule.q_sample(x0, t, noise), t)
+                total += F.mse_loss(prediction, noise, reduction="sum").item()
         return total / self.images.numel()
 
 
@@ -81,13 +79,11 @@ def reconstructions(model, schedule: NoiseSchedule, images: torch.Tensor, seed: 
     x0 = images.to(device)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(device)
     rows = [x0]
-    was_training = model.training
-    model.eval()
-    for fraction in RECONSTRUCTION_TIMES:
-        t = torch.full((len(x0),), round(fraction * (schedule.T - 1)), device=device)
-        x_t = schedule.q_sample(x0, t, noise)
-        rows += [x_t.clamp(-1, 1), schedule.predict_x0(x_t, t, model(x_t, t)).clamp(-1, 1)]
-    model.train(was_training)
+    with eval_mode(model):
+        for fraction in RECONSTRUCTION_TIMES:
+            t = torch.full((len(x0),), round(fraction * (schedule.T - 1)), device=device)
+            x_t = schedule.q_sample(x0, t, noise)
+            rows += [x_t.clamp(-1, 1), schedule.predict_x0(x_t, t, model(x_t, t)).clamp(-1, 1)]
     return torch.cat(rows)
 
 
@@ -145,9 +141,8 @@ def keep_metrics_until(path: Path, step: int) -> None:
                 kept.append(line + "\n")
         except (ValueError, KeyError):
             pass
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    with atomic_write(path) as file:
+        file.write("".join(kept))
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:

@@ -1,6 +1,8 @@
 """The denoisers. Every model is called as model(x_t, t), t a LongTensor of shape (B,), and returns
 the predicted noise, shaped like x_t."""
 
+from contextlib import contextmanager
+
 from torch import nn
 
 from ..errors import UserError
@@ -23,3 +25,14 @@ def build_model(model_cfg, data_cfg) -> nn.Module:
         return MODELS[model_cfg.kind](image_shape(data_cfg), **options)
     except ValueError as error:
         raise UserError(str(error)) from None
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """Evaluate in eval mode, then give the model back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
