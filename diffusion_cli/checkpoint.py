@@ -1,6 +1,7 @@
 """Checkpoints: self-describing dicts that load with `torch.load(path, weights_only=True)`.
 
-A checkpoint holds `format_version`, `step`, `model` (state dict), `optimizer` (state dict),
+A checkpoint holds `format_version`, `step`, `model` (state dict), `ema` (the EMA weights' state
+dict, when trainer.ema_decay > 0), `optimizer` (state dict),
 `config` (the whole resolved run config as plain containers) and `rng` (generator states as
 tensors). `load()` rebuilds model and schedule from that dict alone.
 """
@@ -68,14 +69,16 @@ def unreadable(path: Path, key: str, error: Exception) -> str:
             f"{type(error).__name__}); point {key} at a checkpoint written by diffusion-train")
 
 
-def load(path: str | Path, device="cpu") -> tuple[torch.nn.Module, NoiseSchedule, DictConfig]:
-    """(model, schedule, config) from a checkpoint file or a run dir; the model in eval mode.
+def load(path: str | Path, device="cpu", use_ema: bool = True
+         ) -> tuple[torch.nn.Module, NoiseSchedule, DictConfig]:
+    """(model, schedule, config) from a checkpoint file or a run dir; the model in eval mode,
+    with the EMA weights where the checkpoint has them and use_ema is true.
     The same loader `diffusion-sample` uses; call it from a notebook as well."""
     state = read(path, map_location=device)
     config = OmegaConf.create(state["config"])
     model = build_model(config.model, config.data).to(device)
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(state["ema"] if use_ema and "ema" in state else state["model"])
     except RuntimeError as error:
         raise UserError(f"ckpt={path}: its weights do not match its own model config "
                         f"({str(error).splitlines()[0]})") from None

@@ -7,18 +7,18 @@ with `- /schema/<group>/<option>@_here_` in its defaults list.
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from . import checkpoint
-from .data import DATA_KINDS
+from .data import DATA_KINDS, NUM_CLASSES
 from .errors import UserError
 from .models import MODELS
 from .sampling import SAMPLERS
-from .schedule import SCHEDULE_KINDS
+from .schedule import PREDICTIONS, SCHEDULE_KINDS
 
 
 @dataclass
@@ -34,17 +34,31 @@ class DataConfig:
 
 
 @dataclass
-class MLPConfig:
+class ModelConfig:
     kind: str = MISSING
+    prediction: str = MISSING
+    num_classes: int = MISSING
+
+
+@dataclass
+class MLPConfig(ModelConfig):
     width: int = MISSING
     depth: int = MISSING
 
 
 @dataclass
-class UNetConfig:
-    kind: str = MISSING
+class UNetConfig(ModelConfig):
     base_channels: int = MISSING
     time_dim: int = MISSING
+
+
+@dataclass
+class ResUNetConfig(ModelConfig):
+    base_channels: int = MISSING
+    channel_mults: List[int] = MISSING
+    num_res_blocks: int = MISSING
+    attention: bool = MISSING
+    dropout: float = MISSING
 
 
 @dataclass
@@ -64,6 +78,9 @@ class TrainerConfig:
     lr_warmup_steps: int = MISSING
     lr_schedule: str = MISSING
     weight_decay: float = MISSING
+    loss_weighting: str = MISSING
+    ema_decay: float = MISSING
+    cond_drop_prob: float = MISSING
     max_steps: int = MISSING
     log_every: int = MISSING
     eval_every: int = MISSING
@@ -72,6 +89,8 @@ class TrainerConfig:
     keep_checkpoints: int = MISSING
     num_eval_images: int = MISSING
     num_grid_images: int = MISSING
+    quality_every: int = MISSING
+    num_quality_images: int = MISSING
     max_nonfinite_skips: int = MISSING
 
 
@@ -96,6 +115,10 @@ class SampleConfig:
     seed: int = MISSING
     device: str = MISSING
     nrow: int = MISSING
+    label: Optional[str] = MISSING
+    guidance_scale: float = MISSING
+    use_ema: bool = MISSING
+    eval: bool = MISSING
     sampler: Any = MISSING
 
 
@@ -104,6 +127,7 @@ def register_schemas() -> None:
     store.store(group="schema/data", name="data", node=DataConfig)
     store.store(group="schema/model", name="mlp", node=MLPConfig)
     store.store(group="schema/model", name="unet", node=UNetConfig)
+    store.store(group="schema/model", name="resunet", node=ResUNetConfig)
     store.store(group="schema/schedule", name="schedule", node=ScheduleConfig)
     store.store(group="schema/trainer", name="trainer", node=TrainerConfig)
     store.store(group="schema/sampler", name="ddpm", node=SamplerConfig)
@@ -128,6 +152,7 @@ OmegaConf.register_new_resolver("resume_output_subdir",
 
 
 LR_SCHEDULES = ("cosine", "constant")
+LOSS_WEIGHTINGS = ("none", "min_snr")
 
 
 # Range checks: (full key, test, what is allowed). Keys absent from a config are skipped.
@@ -157,11 +182,19 @@ RULES = [
     ("model.depth", _non_negative, "an integer >= 0"),
     ("model.base_channels", _positive, "an integer >= 1"),
     ("model.time_dim", lambda v: v >= 2 and v % 2 == 0, "an even integer >= 2"),
+    ("model.prediction", *_one_of(PREDICTIONS)),
+    ("model.num_classes", _non_negative, "an integer >= 0 (0: unconditional)"),
+    ("model.channel_mults", lambda v: len(v) >= 1 and min(v) >= 1, "a list of integers >= 1, e.g. [1,2,2]"),
+    ("model.num_res_blocks", _positive, "an integer >= 1"),
+    ("model.dropout", lambda v: 0 <= v < 1, "a number from 0 to below 1"),
     ("trainer.batch_size", _positive, "an integer >= 1"),
     ("trainer.lr", lambda v: v > 0, "a number > 0"),
     ("trainer.lr_warmup_steps", _non_negative, "an integer >= 0"),
     ("trainer.lr_schedule", *_one_of(LR_SCHEDULES)),
     ("trainer.weight_decay", _non_negative, "a number >= 0"),
+    ("trainer.loss_weighting", *_one_of(LOSS_WEIGHTINGS)),
+    ("trainer.ema_decay", lambda v: 0 <= v < 1, "a number from 0 (no EMA) to below 1, e.g. 0.999"),
+    ("trainer.cond_drop_prob", lambda v: 0 <= v <= 1, "a probability from 0 to 1"),
     ("trainer.max_steps", _positive, "an integer >= 1"),
     ("trainer.log_every", _positive, "an integer >= 1"),
     ("trainer.eval_every", _non_negative, "an integer >= 0 (0: only at the end)"),
@@ -170,12 +203,16 @@ RULES = [
     ("trainer.keep_checkpoints", _non_negative, "an integer >= 0"),
     ("trainer.num_eval_images", _positive, "an integer >= 1"),
     ("trainer.num_grid_images", _positive, "an integer >= 1"),
+    ("trainer.quality_every", _non_negative, "an integer >= 0 (0: only at the end)"),
+    ("trainer.num_quality_images", _non_negative, "an integer >= 0 (0: no quality metrics)"),
     ("trainer.max_nonfinite_skips", _non_negative, "an integer >= 0"),
     ("sampler.steps", lambda v: v is None or v >= 1, "null (all T) or an integer >= 1"),
     ("sampler.eta", lambda v: 0 <= v <= 1, "a number from 0 (deterministic) to 1"),
     ("num_samples", _positive, "an integer >= 1"),
     ("batch_size", _positive, "an integer >= 1"),
     ("nrow", _non_negative, "an integer >= 0 (0: a square grid)"),
+    ("label", lambda v: v is None or v == "all" or v.isdigit(), "null, a class index such as 3, or all"),
+    ("guidance_scale", _non_negative, "a number >= 0 (1: plain conditional, 0: unconditional)"),
 ]
 
 
@@ -199,6 +236,8 @@ def validate(cfg: DictConfig) -> None:
         check_linear_betas(schedule)
         if "sampler" in cfg:
             check_sampler_steps(cfg.sampler, schedule.T)
+    if "model" in cfg:
+        check_num_classes(cfg.model, cfg.data)
     if "trainer" in cfg:
         resolve_device(cfg.trainer.device, key="trainer.device")
     if "device" in cfg:
@@ -214,6 +253,16 @@ def check_linear_betas(schedule: DictConfig) -> None:
     if schedule.beta_start > schedule.beta_end:
         raise UserError(f"schedule.beta_start={schedule.beta_start} is above schedule.beta_end="
                         f"{schedule.beta_end}: the noise must grow, so use beta_start <= beta_end")
+
+
+def check_num_classes(model_cfg: DictConfig, data_cfg: DictConfig) -> None:
+    """A class-conditional model needs as many classes as the data's labels have."""
+    available = NUM_CLASSES.get(data_cfg.kind, 0)
+    if model_cfg.num_classes and model_cfg.num_classes != available:
+        fix = (f"use model.num_classes={available} (class-conditional) or 0" if available
+               else "use model.num_classes=0, or data=mnist for labels")
+        raise UserError(f"model.num_classes={model_cfg.num_classes} but data={data_cfg.kind} has "
+                        f"{available or 'no'} classes: {fix}")
 
 
 def check_sampler_steps(sampler_cfg: DictConfig, T: int) -> None:

@@ -1,5 +1,7 @@
 """The datasets, as in-memory tensors of images in [-1, 1], shape (N, C, H, W)."""
 
+from typing import NamedTuple
+
 import torch
 
 from .errors import UserError
@@ -31,8 +33,8 @@ DATA_KINDS = ("gradients", "mnist")
 GRADIENTS_TRAIN_SEED, GRADIENTS_EVAL_SEED = 0, 1
 
 
-def load_mnist(root: str, download: bool, train: bool) -> torch.Tensor:
-    """MNIST digits in [0, 1], (N, 1, 28, 28)."""
+def load_mnist(root: str, download: bool, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """MNIST digits in [0, 1], (N, 1, 28, 28), and their labels (N,)."""
     from torchvision.datasets import MNIST
 
     try:
@@ -46,21 +48,35 @@ def load_mnist(root: str, download: bool, train: bool) -> torch.Tensor:
         raise UserError(f"MNIST not found under {root}/MNIST/raw: set data.root= or "
                         f"DIFFUSION_CLI_DATA to a folder that has MNIST/raw/*-ubyte, or "
                         f"data.download=true to fetch it") from None
-    return dataset.data[:, None].float() / 255
+    return dataset.data[:, None].float() / 255, dataset.targets
 
 
-def load_data(data_cfg) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, eval) images in [-1, 1] for the `data` config group."""
+# How many classes each dataset's labels have (0: no labels).
+NUM_CLASSES = {"gradients": 0, "mnist": 10}
+
+
+class Split(NamedTuple):
+    images: torch.Tensor                 # (N, C, H, W) in [-1, 1]
+    labels: torch.Tensor | None          # (N,) class indices, None for unlabelled data
+
+    def head(self, n: int) -> "Split":
+        """The first n images and their labels."""
+        return Split(self.images[:n], None if self.labels is None else self.labels[:n])
+
+
+def load_data(data_cfg) -> tuple[Split, Split]:
+    """The (train, eval) splits of the `data` config group."""
     shape = (data_cfg.channels, data_cfg.height, data_cfg.width)
     if data_cfg.kind == "gradients":
-        train = make_gradients(data_cfg.num_train, shape, GRADIENTS_TRAIN_SEED)
-        evaluation = make_gradients(data_cfg.num_eval, shape, GRADIENTS_EVAL_SEED)
+        train = make_gradients(data_cfg.num_train, shape, GRADIENTS_TRAIN_SEED), None
+        evaluation = make_gradients(data_cfg.num_eval, shape, GRADIENTS_EVAL_SEED), None
     elif data_cfg.kind == "mnist":
         if shape != (1, 28, 28):
             raise UserError(f"data=mnist images are 1x28x28, got data.channels/height/width = "
                             f"{'x'.join(map(str, shape))}; leave those keys at their defaults")
-        train = load_mnist(data_cfg.root, data_cfg.download, train=True)[: data_cfg.num_train]
-        evaluation = load_mnist(data_cfg.root, data_cfg.download, train=False)[: data_cfg.num_eval]
+        root, download = data_cfg.root, data_cfg.download
+        train = [part[: data_cfg.num_train] for part in load_mnist(root, download, train=True)]
+        evaluation = [part[: data_cfg.num_eval] for part in load_mnist(root, download, train=False)]
     else:
         raise UserError(f"data.kind={data_cfg.kind!r} is unknown; choose one of: {', '.join(DATA_KINDS)}")
-    return train * 2 - 1, evaluation * 2 - 1
+    return Split(train[0] * 2 - 1, train[1]), Split(evaluation[0] * 2 - 1, evaluation[1])

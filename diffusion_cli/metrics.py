@@ -2,6 +2,7 @@
 
 import torch
 
+from .classifier import load_classifier
 from .data import gradient_grid
 
 # A sample counts as a valid gradient when its residual RMS (in [0, 1] units) is below this.
@@ -43,3 +44,62 @@ def gradient_quality(images: torch.Tensor) -> dict[str, float]:
         "color_std": values.std().item(),
         "color_ks": ks.item(),
     }
+
+
+# A sample counts as confidently classified when the classifier's top probability is above this.
+CONFIDENT = 0.9
+
+
+def frechet_distance(mean1: torch.Tensor, cov1: torch.Tensor, mean2: torch.Tensor, cov2: torch.Tensor
+                     ) -> float:
+    """||m1 - m2||^2 + Tr(C1 + C2 - 2 (C1 C2)^(1/2)), the Fréchet distance between two Gaussians.
+    Tr((C1 C2)^(1/2)) is computed as the sum of the square roots of the eigenvalues of the
+    symmetric S C2 S, S = C1^(1/2), in float64."""
+    mean1, cov1, mean2, cov2 = (v.double() for v in (mean1, cov1, mean2, cov2))
+    values, vectors = torch.linalg.eigh(cov1)
+    root1 = vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T
+    cross = torch.linalg.eigvalsh(root1 @ cov2 @ root1).clamp(min=0).sqrt().sum()
+    return ((mean1 - mean2).pow(2).sum() + cov1.trace() + cov2.trace() - 2 * cross).item()
+
+
+@torch.no_grad()
+def mnist_quality(images: torch.Tensor, classifier, reference: dict,
+                  labels: torch.Tensor | None = None) -> dict[str, float]:
+    """How MNIST-like samples in [0, 1] (N, 1, 28, 28) are, by the project's classifier.
+
+    classifier_fd: Fréchet distance between the classifier's penultimate features of the samples
+    and of the MNIST test set (lower is better; not Inception FID);
+    confident_frac: fraction of samples whose top class probability is above CONFIDENT;
+    class_entropy: entropy in bits of the histogram of predicted classes (log2(10) = 3.32 for
+    balanced classes; lower means some digits are missing: mode collapse);
+    label_accuracy (with `labels`, the classes asked for): fraction classified as asked.
+    """
+    images = images.cpu()
+    features = torch.cat([classifier.features(chunk) for chunk in images.split(500)]).double()
+    probabilities = torch.cat([classifier.head(chunk.float()).softmax(1) for chunk in features.split(500)])
+    confidence, predicted = probabilities.max(1)
+    histogram = torch.bincount(predicted, minlength=10).double() / len(predicted)
+    nonzero = histogram[histogram > 0]
+    result = {
+        "classifier_fd": frechet_distance(features.mean(0), features.T.cov(), reference["test_mean"],
+                                          reference["test_cov"]),
+        "confident_frac": (confidence > CONFIDENT).double().mean().item(),
+        "class_entropy": -(nonzero * nonzero.log2()).sum().item(),
+    }
+    if labels is not None:
+        result["label_accuracy"] = (predicted == labels.cpu()).double().mean().item()
+    return result
+
+
+# Every metric sample_quality may return, in the order logs show them.
+QUALITY_KEYS = ("rms", "valid_frac", "color_std", "color_ks", "classifier_fd", "confident_frac",
+                "class_entropy", "label_accuracy")
+
+
+def sample_quality(images: torch.Tensor, data_cfg, labels: torch.Tensor | None = None) -> dict[str, float]:
+    """The quality metrics of samples in [0, 1] of the `data` config group's kind; `labels` are the
+    classes a class-conditional model was asked for."""
+    if data_cfg.kind == "gradients":
+        return gradient_quality(images)
+    classifier, reference = load_classifier(data_cfg.root, data_cfg.download)
+    return mnist_quality(images, classifier, reference, labels)

@@ -1,6 +1,8 @@
 """diffusion-sample: draw images from a trained checkpoint into a run dir of their own."""
 
+import json
 import logging
+import time
 from pathlib import Path
 
 import hydra
@@ -8,36 +10,72 @@ import torch
 from omegaconf import DictConfig
 
 from . import checkpoint
+from .atomic import atomic_write
 from .cli import console_script, run_task
 from .config import check_sampler_steps, resolve_device
+from .errors import UserError
 from .images import save_grid
-from .metrics import gradient_quality
+from .metrics import sample_quality
 from .models import image_shape
-from .sampling import sample_images
+from .sampling import class_rows, sample_images
 
 log = logging.getLogger(__name__)
 
 
 def sample_from_checkpoint(cfg: DictConfig, run_dir: Path) -> dict:
-    """Write samples.png and samples.pt ((N, C, H, W) floats in [0, 1]) into run_dir; returns the
-    quality metrics where the training data has one."""
+    """Write samples.png and samples.pt ((N, C, H, W) floats in [0, 1]) into run_dir; with
+    eval=true also quality.json; returns the quality metrics (eval=true, or gradients data) and
+    the sampling time, which a `diffusion-sample -m` sweep collects into summary.csv."""
     device = resolve_device(cfg.device)
-    model, schedule, train_cfg = checkpoint.load(cfg.ckpt, device)
+    model, schedule, train_cfg = checkpoint.load(cfg.ckpt, device, use_ema=cfg.use_ema)
     check_sampler_steps(cfg.sampler, schedule.T)
+    labels, nrow = requested_labels(cfg, model.num_classes)
+    count = len(labels) if labels is not None else cfg.num_samples
     steps = cfg.sampler.steps or schedule.T
     log.info(f"run dir: {run_dir}")
-    log.info(f"sampling {cfg.num_samples} images from {checkpoint.resolve(cfg.ckpt)} with "
-             f"{cfg.sampler.kind}, {steps} steps, seed {cfg.seed}, on {device}")
-    shape = (cfg.num_samples, *image_shape(train_cfg.data))
+    log.info(f"sampling {count} images from {checkpoint.resolve(cfg.ckpt)} with "
+             f"{cfg.sampler.kind}, {steps} steps, seed {cfg.seed}, on {device}"
+             + (f", label {cfg.label}, guidance {cfg.guidance_scale}" if labels is not None else ""))
+    shape = (count, *image_shape(train_cfg.data))
+    started = time.perf_counter()
     images = sample_images(model, schedule, cfg.sampler, shape, batch_size=cfg.batch_size,
-                           seed=cfg.seed, progress=True)
-    grid = save_grid(images, run_dir / "samples.png", cfg.nrow)
+                           seed=cfg.seed, labels=labels, guidance_scale=cfg.guidance_scale, progress=True)
+    sampling_s = time.perf_counter() - started
+    log.info(f"sampled {count} images in {sampling_s:.1f} s")
+    grid = save_grid(images, run_dir / "samples.png", nrow)
     torch.save(images, run_dir / "samples.pt")
-    metrics = gradient_quality(images) if train_cfg.data.kind == "gradients" else {}
-    if metrics:
+    metrics = {}
+    if cfg.eval or train_cfg.data.kind == "gradients":
+        metrics = sample_quality(images, train_cfg.data, labels)
         log.info("quality: " + ", ".join(f"{key} {value:.4f}" for key, value in metrics.items()))
+        if cfg.label == "all" and "label_accuracy" in metrics:
+            metrics["label_accuracy_by_class"] = by_class = [
+                sample_quality(images[labels == k], train_cfg.data, labels[labels == k])["label_accuracy"]
+                for k in range(model.num_classes)]
+            log.info("label_accuracy by class: " + ", ".join(f"{k}: {a:.3f}" for k, a in enumerate(by_class)))
+        with atomic_write(run_dir / "quality.json") as file:
+            file.write(json.dumps(metrics, indent=2))
     log.info(f"wrote {grid} and {run_dir / 'samples.pt'}")
-    return metrics
+    return {**{key: value for key, value in metrics.items() if isinstance(value, float)},
+            "sampling_s": sampling_s}
+
+
+def requested_labels(cfg: DictConfig, num_classes: int) -> tuple[torch.Tensor | None, int]:
+    """(labels to sample, images per grid row) for `label` and `guidance_scale`: none, num_samples
+    of one class, or for `all` one row per class of ceil(num_samples / num_classes) images."""
+    if cfg.label is None:
+        if cfg.guidance_scale != 1.0:
+            raise UserError(f"guidance_scale={cfg.guidance_scale} needs a label: add label=K or label=all")
+        return None, cfg.nrow
+    if not num_classes:
+        raise UserError(f"label={cfg.label} needs a class-conditional model, but {cfg.ckpt} has "
+                        f"model.num_classes=0: drop label=, or train with model.num_classes=10")
+    if cfg.label == "all":
+        per_class = -(-cfg.num_samples // num_classes)
+        return class_rows(num_classes, per_class), per_class
+    if int(cfg.label) >= num_classes:
+        raise UserError(f"label={cfg.label} is not a class of this model: use 0 to {num_classes - 1}, or all")
+    return torch.full((cfg.num_samples,), int(cfg.label)), cfg.nrow
 
 
 @hydra.main(version_base="1.3", config_path="pkg://diffusion_cli.conf", config_name="sample")

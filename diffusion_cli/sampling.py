@@ -1,5 +1,7 @@
 """Samplers as plain functions: a small `*_step` holding the math, and a loop around it."""
 
+from typing import Callable
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -9,6 +11,27 @@ from .models import eval_mode
 from .schedule import NoiseSchedule
 
 
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def denoiser(model: nn.Module, labels: torch.Tensor | None = None, guidance_scale: float = 1.0
+             ) -> Denoiser:
+    """(x_t, t) -> the model's output, conditioned on `labels` where given. A guidance_scale w != 1
+    is classifier-free guidance (Ho & Salimans 2022): out_u + w (out_c - out_u), out_u the output
+    for the null label. The combination is linear, so it is the same in eps, x0 or v."""
+    if labels is None:
+        return model
+    if guidance_scale == 1.0:
+        return lambda x, t: model(x, t, labels)
+    null = torch.full_like(labels, model.num_classes)
+
+    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        conditional, unconditional = model(torch.cat([x, x]), torch.cat([t, t]),
+                                           torch.cat([labels, null])).chunk(2)
+        return unconditional + guidance_scale * (conditional - unconditional)
+    return guided
+
+
 def randn(shape, generator: torch.Generator | None, device) -> torch.Tensor:
     """Standard normal noise drawn on the generator's device and moved to `device`: a seeded CPU
     generator gives the same images on the CPU and on a GPU."""
@@ -16,12 +39,13 @@ def randn(shape, generator: torch.Generator | None, device) -> torch.Tensor:
     return torch.randn(tuple(shape), generator=generator, device=noise_device).to(device)
 
 
-def ddpm_step(schedule: NoiseSchedule, eps: torch.Tensor, i: int, x: torch.Tensor,
-              noise: torch.Tensor | None, clip_x0: bool = True) -> torch.Tensor:
+def ddpm_step(schedule: NoiseSchedule, output: torch.Tensor, i: int, x: torch.Tensor,
+              noise: torch.Tensor | None, clip_x0: bool = True, prediction: str = "eps") -> torch.Tensor:
     """One ancestral step x_i -> x_{i-1} through x0 and the posterior q(x_{i-1} | x_i, x0) (Ho et
-    al. eq. 7). With clip_x0=False this equals Algorithm 2. At i = 0 the variance is 0: no noise."""
+    al. eq. 7); `output` is the model's, of the `prediction` kind. With clip_x0=False and eps this
+    equals Algorithm 2. At i = 0 the variance is 0: no noise."""
     index = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-    x0 = schedule.predict_x0(x, index, eps)
+    _, x0 = schedule.eps_and_x0(x, index, output, prediction)
     if clip_x0:
         x0 = x0.clamp(-1, 1)
     mean, variance = schedule.posterior_mean_variance(x0, x, index)
@@ -30,15 +54,15 @@ def ddpm_step(schedule: NoiseSchedule, eps: torch.Tensor, i: int, x: torch.Tenso
     return mean + variance.sqrt() * noise
 
 
-def ddpm(model: nn.Module, schedule: NoiseSchedule, x: torch.Tensor, *, clip_x0: bool = True,
-         generator: torch.Generator | None = None, return_all_steps: bool = False,
-         progress: bool = False) -> torch.Tensor:
+def ddpm(denoise: Denoiser, schedule: NoiseSchedule, x: torch.Tensor, *, prediction: str = "eps",
+         clip_x0: bool = True, generator: torch.Generator | None = None,
+         return_all_steps: bool = False, progress: bool = False) -> torch.Tensor:
     """Ancestral sampling from x = x_T over every step of `schedule` (respaced or not)."""
     trajectory = [x]
     for i in tqdm(range(schedule.T - 1, -1, -1), desc="sampling", disable=not progress, leave=False):
-        eps = model(x, schedule.timesteps[i].expand(x.shape[0]))
+        output = denoise(x, schedule.timesteps[i].expand(x.shape[0]))
         noise = randn(x.shape, generator, x.device) if i > 0 else None
-        x = ddpm_step(schedule, eps, i, x, noise, clip_x0)
+        x = ddpm_step(schedule, output, i, x, noise, clip_x0, prediction)
         if return_all_steps:
             trajectory.append(x)
     return torch.stack(trajectory) if return_all_steps else x
@@ -50,13 +74,15 @@ def ddim_timesteps(T: int, steps: int) -> list[int]:
     return [round(T - k * T / steps) - 1 for k in range(steps)]
 
 
-def ddim_step(schedule: NoiseSchedule, eps: torch.Tensor, t: int, t_prev: int, x: torch.Tensor,
-              eta: float, noise: torch.Tensor | None, clip_x0: bool = True) -> torch.Tensor:
+def ddim_step(schedule: NoiseSchedule, output: torch.Tensor, t: int, t_prev: int, x: torch.Tensor,
+              eta: float, noise: torch.Tensor | None, clip_x0: bool = True, prediction: str = "eps"
+              ) -> torch.Tensor:
     """One DDIM step x_t -> x_{t_prev} (Song et al. 2021, eq. 12); t_prev = -1 means alpha_bar = 1.
-    eta = 0 is deterministic, eta = 1 has the variance of DDPM's posterior."""
+    eta = 0 is deterministic, eta = 1 has the variance of DDPM's posterior. As in diffusers, the
+    direction term keeps the model's eps even when x0 is clipped."""
     ab = schedule.alpha_bars[t]
     ab_prev = schedule.alpha_bars[t_prev] if t_prev >= 0 else torch.ones_like(ab)
-    x0 = schedule.predict_x0(x, torch.full((x.shape[0],), t, device=x.device), eps)
+    eps, x0 = schedule.eps_and_x0(x, torch.full((x.shape[0],), t, device=x.device), output, prediction)
     if clip_x0:
         x0 = x0.clamp(-1, 1)
     sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
@@ -64,17 +90,17 @@ def ddim_step(schedule: NoiseSchedule, eps: torch.Tensor, t: int, t_prev: int, x
     return x_prev + sigma * noise if eta > 0 and noise is not None else x_prev
 
 
-def ddim(model: nn.Module, schedule: NoiseSchedule, x: torch.Tensor, *, steps: int, eta: float = 0.0,
-         clip_x0: bool = True, generator: torch.Generator | None = None,
+def ddim(denoise: Denoiser, schedule: NoiseSchedule, x: torch.Tensor, *, steps: int, eta: float = 0.0,
+         prediction: str = "eps", clip_x0: bool = True, generator: torch.Generator | None = None,
          return_all_steps: bool = False, progress: bool = False) -> torch.Tensor:
     """DDIM sampling from x = x_T over `steps` trailing-spaced timesteps of the training schedule."""
     timesteps = ddim_timesteps(schedule.T, steps)
     trajectory = [x]
     for k, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):
         t_prev = timesteps[k + 1] if k + 1 < len(timesteps) else -1
-        eps = model(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
+        output = denoise(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
         noise = randn(x.shape, generator, x.device) if eta > 0 and t_prev >= 0 else None
-        x = ddim_step(schedule, eps, t, t_prev, x, eta, noise, clip_x0)
+        x = ddim_step(schedule, output, t, t_prev, x, eta, noise, clip_x0, prediction)
         if return_all_steps:
             trajectory.append(x)
     return torch.stack(trajectory) if return_all_steps else x
@@ -87,7 +113,9 @@ SAMPLERS = ("ddpm", "ddim")
 def sample(model: nn.Module, schedule: NoiseSchedule, shape, *, sampler: str = "ddpm",
            steps: int | None = None, clip_x0: bool = True, eta: float = 0.0,
            generator: torch.Generator | None = None, device=None, return_all_steps: bool = False,
-           progress: bool = False, x_T: torch.Tensor | None = None) -> torch.Tensor:
+           progress: bool = False, x_T: torch.Tensor | None = None,
+           labels: torch.Tensor | None = None, guidance_scale: float = 1.0,
+           prediction: str | None = None) -> torch.Tensor:
     """Draw images of `shape` (B, C, H, W) from the model, in [-1, 1].
 
     sampler: "ddpm" (ancestral) or "ddim" (Song et al. 2021, with `eta` from 0 = deterministic
@@ -96,6 +124,9 @@ def sample(model: nn.Module, schedule: NoiseSchedule, shape, *, sampler: str = "
     2021), DDIM trailing-spaced timesteps.
     return_all_steps: also return every intermediate x, as a (steps + 1, B, ...) tensor from x_T.
     x_T: the initial noise; drawn from `generator` when not given.
+    labels: (B,) class indices for a class-conditional model; guidance_scale: classifier-free
+    guidance weight (1 = plain conditional, 0 = unconditional).
+    prediction: what the model outputs (eps, x0 or v); default the model's own `prediction`.
     The model and schedule must be on `device` (default: the model's device).
     """
     if sampler not in SAMPLERS:
@@ -103,21 +134,30 @@ def sample(model: nn.Module, schedule: NoiseSchedule, shape, *, sampler: str = "
     device = torch.device(device) if device is not None else next(model.parameters()).device
     x = randn(shape, generator, device) if x_T is None else x_T.to(device)
     steps = steps or schedule.T
-    options = dict(clip_x0=clip_x0, generator=generator, return_all_steps=return_all_steps,
-                   progress=progress)
+    labels = labels.to(device) if labels is not None else None
+    options = dict(prediction=prediction or getattr(model, "prediction", "eps"), clip_x0=clip_x0,
+                   generator=generator, return_all_steps=return_all_steps, progress=progress)
     with eval_mode(model):
+        denoise = denoiser(model, labels, guidance_scale)
         if sampler == "ddpm":
-            result = ddpm(model, schedule.respaced(steps), x, **options)
+            result = ddpm(denoise, schedule.respaced(steps), x, **options)
         else:
-            result = ddim(model, schedule, x, steps=steps, eta=eta, **options)
+            result = ddim(denoise, schedule, x, steps=steps, eta=eta, **options)
     return result if return_all_steps else result.clamp(-1, 1)
 
 
+def class_rows(num_classes: int, per_class: int) -> torch.Tensor:
+    """Labels for a grid with one row per class: per_class 0s, then per_class 1s, ..."""
+    return torch.arange(num_classes).repeat_interleave(per_class)
+
+
 def sample_images(model: nn.Module, schedule: NoiseSchedule, sampler_cfg, shape, *, batch_size: int,
-                  seed: int, progress: bool = False) -> torch.Tensor:
+                  seed: int, labels: torch.Tensor | None = None, guidance_scale: float = 1.0,
+                  progress: bool = False) -> torch.Tensor:
     """`shape[0]` images in [0, 1] on the CPU, drawn `batch_size` at a time with the sampler config
     (kind, steps, clip_x0, and eta for DDIM) from one CPU generator seeded with `seed`: the same
-    seed gives the same images on any device. Training grids and diffusion-sample draw through here."""
+    seed gives the same images on any device. `labels` (N,) for a class-conditional model. Training
+    grids, quality metrics and diffusion-sample all draw through here."""
     generator = torch.Generator().manual_seed(seed)
     # All initial noise first: deterministic samplers (DDIM, eta 0) then give the same image for
     # the same seed whatever batch_size splits the work.
@@ -128,6 +168,8 @@ def sample_images(model: nn.Module, schedule: NoiseSchedule, sampler_cfg, shape,
         noise = x_T[start:start + batch_size]
         chunk = sample(model, schedule, noise.shape, sampler=sampler_cfg.kind, steps=sampler_cfg.steps,
                        clip_x0=sampler_cfg.clip_x0, eta=sampler_cfg.get("eta", 0.0),
-                       generator=generator, progress=progress, x_T=noise)
+                       generator=generator, progress=progress, x_T=noise,
+                       labels=None if labels is None else labels[start:start + batch_size],
+                       guidance_scale=guidance_scale)
         chunks.append(to_unit(chunk).cpu())
     return torch.cat(chunks)

@@ -11,6 +11,9 @@ from torch import nn
 
 
 SCHEDULE_KINDS = ("linear", "cosine")
+# What the network outputs: the noise eps, the clean image x0, or v = sqrt(ab) eps - sqrt(1-ab) x0
+# (Salimans & Ho 2022). The loss is an MSE in that parameterisation; the samplers convert.
+PREDICTIONS = ("eps", "x0", "v")
 
 
 def make_betas(kind: str, T: int, beta_start: float | None = None, beta_end: float | None = None
@@ -55,6 +58,7 @@ class NoiseSchedule(nn.Module):
             "alpha_bars_prev": alpha_bars_prev,
             "sqrt_alpha_bars": alpha_bars.sqrt(),
             "sqrt_one_minus_alpha_bars": (1.0 - alpha_bars).sqrt(),
+            "snr": alpha_bars / (1.0 - alpha_bars),  # signal-to-noise ratio, for loss weighting
             # q(x_{t-1} | x_t, x0) = N(c1 x0 + c2 x_t, var): Ho et al. eq. 6-7.
             "posterior_variance": betas * (1.0 - alpha_bars_prev) / (1.0 - alpha_bars),
             "posterior_mean_x0_coef": betas * alpha_bars_prev.sqrt() / (1.0 - alpha_bars),
@@ -95,6 +99,30 @@ class NoiseSchedule(nn.Module):
         """Invert q_sample for x0 given the noise. Never clips: the sampler decides that."""
         return (x_t - self._at(self.sqrt_one_minus_alpha_bars, t, x_t) * eps) \
             / self._at(self.sqrt_alpha_bars, t, x_t)
+
+    def target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, prediction: str
+               ) -> torch.Tensor:
+        """What a model of this `prediction` kind should output for x_t = q_sample(x0, t, noise)."""
+        if prediction == "eps":
+            return noise
+        if prediction == "x0":
+            return x0
+        if prediction == "v":
+            return self._at(self.sqrt_alpha_bars, t, x0) * noise \
+                - self._at(self.sqrt_one_minus_alpha_bars, t, x0) * x0
+        raise ValueError(f"prediction={prediction!r} is unknown; choose one of: {', '.join(PREDICTIONS)}")
+
+    def eps_and_x0(self, x_t: torch.Tensor, t: torch.Tensor, output: torch.Tensor, prediction: str
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps, x0) implied by a model's output of the given `prediction` kind at x_t. Unclipped."""
+        if prediction == "eps":
+            return output, self.predict_x0(x_t, t, output)
+        a, s = self._at(self.sqrt_alpha_bars, t, x_t), self._at(self.sqrt_one_minus_alpha_bars, t, x_t)
+        if prediction == "x0":
+            return (x_t - a * output) / s, output
+        if prediction == "v":  # x_t = a x0 + s eps and v = a eps - s x0, with a^2 + s^2 = 1
+            return s * x_t + a * output, a * x_t - s * output
+        raise ValueError(f"prediction={prediction!r} is unknown; choose one of: {', '.join(PREDICTIONS)}")
 
     def posterior_mean_variance(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         """(mean, variance) of q(x_{t-1} | x_t, x0), Ho et al. eq. 7. The variance is 0 at t = 0."""

@@ -1,5 +1,6 @@
 """The comparison table of a sweep: every job writes result.json into its own run dir, and
-summary.csv in the sweep dir is rebuilt from all of them, so a failed or parallel job loses no row.
+summary.csv (and its picture, summary.png) in the sweep dir is rebuilt from all of them, so a
+failed or parallel job loses no row.
 
 summary.csv has one row per job: a column per swept key (an override whose value differs between
 jobs), the final metrics, then steps, wall_s, run_dir, status and error."""
@@ -8,7 +9,9 @@ import csv
 import json
 from pathlib import Path
 
+from . import plots
 from .atomic import atomic_write
+from .metrics import QUALITY_KEYS
 
 RESULT_FILE = "result.json"
 TRAILING_COLUMNS = ["steps", "wall_s", "run_dir", "status", "error"]
@@ -44,6 +47,7 @@ def write_summary(sweep_dir: Path) -> list[dict]:
         writer = csv.DictWriter(file, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
+    plots.sweep_summary(sweep_dir, rows, override_keys, ["eval_loss", *QUALITY_KEYS, "sampling_s"])
     return rows
 
 

@@ -1,7 +1,9 @@
 """diffusion-train: one readable training loop.
 
 DDPM objective (Ho et al. 2020): draw x0 from the data, one timestep t per sample and noise eps,
-form x_t = q_sample(x0, t, eps), and regress the model's output on eps with an MSE loss.
+form x_t = q_sample(x0, t, eps), and regress the model's output on eps (or on x0 or v, as
+model.prediction says) with an MSE loss, optionally min-SNR weighted. Sampling uses an EMA of the
+weights.
 """
 
 import json
@@ -15,20 +17,20 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from torch.nn import functional as F
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from . import checkpoint
+from . import checkpoint, plots
 from .atomic import atomic_write
 from .cli import console_script, run_task
 from .config import resolve_device, to_plain, validate
-from .data import load_data
+from .data import Split, load_data
+from .ema import EMA
 from .errors import UserError
 from .images import save_grid, to_unit
-from .metrics import gradient_quality
+from .metrics import QUALITY_KEYS, sample_quality
 from .models import build_model, eval_mode, image_shape
-from .sampling import sample_images
+from .sampling import class_rows, sample_images
 from .schedule import NoiseSchedule
 from .stopping import GracefulStop, Stopped
 
@@ -38,52 +40,90 @@ log = logging.getLogger(__name__)
 RECONSTRUCTION_TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
-def training_loss(model, schedule: NoiseSchedule, x0: torch.Tensor,
-                  generator: torch.Generator) -> torch.Tensor:
-    """The DDPM loss on a batch: MSE between the noise and the model's prediction of it."""
+MIN_SNR_GAMMA = 5.0
+
+
+def loss_weight(schedule: NoiseSchedule, t: torch.Tensor, prediction: str, weighting: str
+                ) -> torch.Tensor:
+    """Per-sample loss weights. min_snr (Hang et al. 2023): min(SNR, gamma) / SNR for eps, carried
+    over to the other objectives as min(SNR, gamma) / (SNR + 1) for v and min(SNR, gamma) for x0."""
+    if weighting == "none":
+        return torch.ones(t.shape, device=t.device)
+    snr = schedule.snr[t]
+    clipped = snr.clamp(max=MIN_SNR_GAMMA)
+    return {"eps": clipped / snr, "v": clipped / (snr + 1), "x0": clipped}[prediction]
+
+
+def training_loss(model, schedule: NoiseSchedule, x0: torch.Tensor, generator: torch.Generator,
+                  labels: torch.Tensor | None = None, cond_drop_prob: float = 0.0,
+                  loss_weighting: str = "none") -> torch.Tensor:
+    """The DDPM loss on a batch: the MSE between the model's output and its target (the noise, x0
+    or v), per sample weighted. A class-conditional model sees the null label with probability
+    cond_drop_prob, which trains the unconditional model that guidance needs."""
     t = torch.randint(0, schedule.T, (x0.shape[0],), generator=generator, device=x0.device)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device)
-    return F.mse_loss(model(schedule.q_sample(x0, t, noise), t), noise)
+    if labels is not None:
+        dropped = torch.rand(labels.shape, generator=generator, device=x0.device) < cond_drop_prob
+        labels = torch.where(dropped, model.num_classes, labels)
+    output = model(schedule.q_sample(x0, t, noise), t, labels)
+    errors = (output - schedule.target(x0, t, noise, model.prediction)).pow(2).flatten(1).mean(1)
+    return (loss_weight(schedule, t, model.prediction, loss_weighting) * errors).mean()
+
+
+# The eval loss is also reported per bucket of timesteps: where the model is weak.
+LOSS_BUCKETS = 10
 
 
 class Evaluator:
-    """The held-out loss at fixed timesteps and noise, so numbers are comparable across steps."""
+    """The held-out loss (unweighted MSE in the model's prediction) at fixed timesteps and noise,
+    so numbers are comparable across steps; class-conditional models see the true labels."""
 
-    def __init__(self, images: torch.Tensor, schedule: NoiseSchedule, batch_size: int, seed: int):
+    def __init__(self, data: Split, schedule: NoiseSchedule, batch_size: int, seed: int):
         generator = torch.Generator().manual_seed(seed)
-        self.images = images
+        self.images, self.labels = data
         # Timesteps spread evenly over 0..T-1, one per image; noise fixed once.
-        self.t = torch.linspace(0, schedule.T - 1, len(images)).round().long()
-        self.noise = torch.randn(images.shape, generator=generator)
+        self.t = torch.linspace(0, schedule.T - 1, len(self.images)).round().long()
+        self.noise = torch.randn(self.images.shape, generator=generator)
         self.schedule = schedule
         self.batch_size = batch_size
 
     @torch.no_grad()
-    def loss(self, model) -> float:
+    def loss(self, model) -> tuple[float, list[float]]:
+        """(mean loss, mean loss in each of LOSS_BUCKETS equal ranges of t)."""
         device = self.schedule.betas.device
-        total = 0.0
+        errors = []
         with eval_mode(model):
             for start in range(0, len(self.images), self.batch_size):
                 x0, t, noise = (v[start:start + self.batch_size].to(device)
                                 for v in (self.images, self.t, self.noise))
-                prediction = model(self.schedule.q_sample(x0, t, noise), t)
-                total += F.mse_loss(prediction, noise, reduction="sum").item()
-        return total / self.images.numel()
+                labels = None
+                if model.num_classes:
+                    labels = self.labels[start:start + self.batch_size].to(device)
+                output = model(self.schedule.q_sample(x0, t, noise), t, labels)
+                target = self.schedule.target(x0, t, noise, model.prediction)
+                errors.append((output - target).pow(2).flatten(1).mean(1).cpu())
+        errors = torch.cat(errors)
+        bucket = self.t * LOSS_BUCKETS // self.schedule.T
+        by_t = [errors[bucket == b].mean().item() if (bucket == b).any() else float("nan")
+                for b in range(LOSS_BUCKETS)]
+        return errors.mean().item(), by_t
 
 
 @torch.no_grad()
-def reconstructions(model, schedule: NoiseSchedule, images: torch.Tensor, seed: int) -> torch.Tensor:
+def reconstructions(model, schedule: NoiseSchedule, data: Split, seed: int) -> torch.Tensor:
     """Rows: the clean images, then for each t in RECONSTRUCTION_TIMES x_t and the model's x0
     estimate (clipped to [-1, 1]). Returns the rows stacked, in [-1, 1]."""
     device = schedule.betas.device
-    x0 = images.to(device)
+    x0 = data.images.to(device)
+    labels = data.labels.to(device) if model.num_classes else None
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(device)
     rows = [x0]
     with eval_mode(model):
         for fraction in RECONSTRUCTION_TIMES:
             t = torch.full((len(x0),), round(fraction * (schedule.T - 1)), device=device)
             x_t = schedule.q_sample(x0, t, noise)
-            rows += [x_t.clamp(-1, 1), schedule.predict_x0(x_t, t, model(x_t, t)).clamp(-1, 1)]
+            _, x0_estimate = schedule.eps_and_x0(x_t, t, model(x_t, t, labels), model.prediction)
+            rows += [x_t.clamp(-1, 1), x0_estimate.clamp(-1, 1)]
     return torch.cat(rows)
 
 
@@ -105,7 +145,8 @@ def due(step: int, every: int, last_step: int) -> bool:
 # Keys that may change when a run is resumed: how long it runs, where, and what it logs and keeps.
 RESUMABLE = ("trainer.max_steps", "trainer.device", "trainer.log_every", "trainer.eval_every",
              "trainer.sample_every", "trainer.checkpoint_every", "trainer.keep_checkpoints",
-             "trainer.num_grid_images", "trainer.max_nonfinite_skips", "sampler")
+             "trainer.num_grid_images", "trainer.quality_every", "trainer.num_quality_images",
+             "trainer.max_nonfinite_skips", "sampler")
 
 
 def resumed_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, dict]:
@@ -158,23 +199,26 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
     torch.manual_seed(tc.seed)  # model initialisation
     random.seed(tc.seed)
-    train_images, eval_images = load_data(cfg.data)
-    train_images = train_images.to(device)  # in memory: batches are drawn by index on the device
+    train_data, eval_data = load_data(cfg.data)
+    # In memory: batches are drawn by index on the device.
+    train_images = train_data.images.to(device)
     model = build_model(cfg.model, cfg.data).to(device)
+    train_labels = train_data.labels.to(device) if model.num_classes else None
     schedule = NoiseSchedule.from_config(cfg.schedule).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    # The training stream: batch indices, timesteps, noise. Evaluation and grids use their own
-    # fixed-seed generators, so they never shift it.
+    ema = EMA(model, tc.ema_decay) if tc.ema_decay > 0 else None
+    sampling_model = ema.model if ema else model  # what evaluation, grids and quality look at
+    # The training stream: batch indices, timesteps, noise, label dropout. Evaluation and grids
+    # use their own fixed-seed generators, so they never shift it.
     generator = torch.Generator(device).manual_seed(tc.seed)
     start_step = 0
     if state is not None:
-        start_step = restore(state, model, optimizer, generator)
+        start_step = restore(state, model, ema, optimizer, generator)
         keep_metrics_until(run_dir / "metrics.jsonl", start_step)
         log.info(f"resuming {cfg.resume} from step {start_step}")
-    evaluator = Evaluator(eval_images[: tc.num_eval_images], schedule, tc.batch_size, tc.seed)
-    grid_shape = (tc.num_grid_images, *image_shape(cfg.data))
+    evaluator = Evaluator(eval_data.head(tc.num_eval_images), schedule, tc.batch_size, tc.seed)
     log.info(f"model {cfg.model.kind}: {sum(p.numel() for p in model.parameters()):,} parameters; "
-             f"{len(train_images):,} training images of shape {tuple(grid_shape[1:])}")
+             f"{len(train_images):,} training images of shape {tuple(train_images.shape[1:])}")
 
     metrics_file = open(run_dir / "metrics.jsonl", "a")
     result, nonfinite_steps = {}, 0
@@ -186,7 +230,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             index = torch.randint(0, len(train_images), (tc.batch_size,), generator=generator, device=device)
-            loss = training_loss(model, schedule, train_images[index], generator)
+            loss = training_loss(model, schedule, train_images[index], generator,
+                                 labels=train_labels[index] if train_labels is not None else None,
+                                 cond_drop_prob=tc.cond_drop_prob, loss_weighting=tc.loss_weighting)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
@@ -197,6 +243,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                             f"({nonfinite_steps} of trainer.max_nonfinite_skips={tc.max_nonfinite_skips})")
             else:
                 optimizer.step()
+                if ema:
+                    ema.update(model, step)
                 running_loss += loss.detach()
             progress.update()
 
@@ -210,15 +258,20 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 progress.set_postfix(loss=f"{record['loss']:.4f}")
             work_started = time.perf_counter()
             if due(step, tc.eval_every, tc.max_steps):
-                record["eval_loss"] = evaluator.loss(model)
+                record["eval_loss"], record["eval_loss_by_t"] = evaluator.loss(sampling_model)
             if due(step, tc.sample_every, tc.max_steps):
-                record.update(write_grids(model, schedule, cfg, step, run_dir, eval_images, grid_shape))
+                write_grids(sampling_model, schedule, cfg, step, run_dir, eval_data)
+            if tc.num_quality_images and due(step, tc.quality_every, tc.max_steps):
+                record.update(quality(sampling_model, schedule, cfg))
             if record:
                 metrics_file.write(json.dumps({"step": step, **record}) + "\n")
                 metrics_file.flush()
-                result.update((key, value) for key, value in record.items() if key != "lr")
+                result.update((key, value) for key, value in record.items()
+                              if isinstance(value, float) and key != "lr")
+            if "eval_loss" in record:
+                plots.training_curves(run_dir)
             if due(step, tc.checkpoint_every, tc.max_steps) or stop.requested:
-                save_checkpoint(model, optimizer, generator, cfg, step, run_dir)
+                save_checkpoint(model, ema, optimizer, generator, cfg, step, run_dir)
             if stop.requested:
                 raise Stopped(f"{stop.requested} at step {step}; saved "
                               f"{run_dir / 'checkpoints' / 'last.pt'}. Resume with: "
@@ -226,10 +279,15 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                               exit_code=130 if stop.requested == "SIGINT" else 143)
             interval_start += time.perf_counter() - work_started  # images/s counts training only
 
+    plots.denoising(sampling_model, schedule, cfg, run_dir / "denoising.png")
     result.update(steps=tc.max_steps, wall_s=time.perf_counter() - started)
     last = f"samples/step_{tc.max_steps:07d}.png"
-    log.info(f"wrote {run_dir}: checkpoints/last.pt, {last}, metrics.jsonl "
-             f"(loss {result['loss']:.4f}, eval_loss {result['eval_loss']:.4f}, {result['wall_s']:.0f} s)")
+    log.info(f"wrote {run_dir}: checkpoints/last.pt, {last}, metrics.jsonl, loss.png, "
+             f"loss_by_t.png, denoising.png (loss {result['loss']:.4f}, eval_loss "
+             f"{result['eval_loss']:.4f}, {result['wall_s']:.0f} s)")
+    quality_line = ", ".join(f"{key} {result[key]:.4f}" for key in QUALITY_KEYS if key in result)
+    if quality_line:
+        log.info(f"quality ({tc.num_quality_images} images, DDIM {QUALITY_SAMPLER.steps} steps): {quality_line}")
     return result
 
 
@@ -247,9 +305,11 @@ def check_nonfinite(step: int, loss: torch.Tensor, count: int, cfg: DictConfig, 
                     f"trainer.max_nonfinite_skips=N skipped steps")
 
 
-def restore(state: dict, model, optimizer, generator) -> int:
-    """Load a checkpoint's model, optimizer and random streams; returns its step."""
+def restore(state: dict, model, ema: EMA | None, optimizer, generator) -> int:
+    """Load a checkpoint's model, EMA, optimizer and random streams; returns its step."""
     model.load_state_dict(state["model"])
+    if ema:
+        ema.model.load_state_dict(state.get("ema", state["model"]))
     optimizer.load_state_dict(state["optimizer"])
     generator.set_state(state["rng"]["train"])
     torch.set_rng_state(state["rng"]["torch"])
@@ -259,19 +319,38 @@ def restore(state: dict, model, optimizer, generator) -> int:
     return state["step"]
 
 
-def write_grids(model, schedule, cfg, step: int, run_dir: Path, eval_images, grid_shape) -> dict:
-    """The sample grid (fixed seed, so grids are comparable across steps) and the reconstruction
-    grid; returns the quality metrics of the samples where the data has one."""
-    samples = sample_images(model, schedule, cfg.sampler, grid_shape, batch_size=cfg.trainer.batch_size,
-                            seed=cfg.trainer.seed)
-    save_grid(samples, run_dir / "samples" / f"step_{step:07d}.png")
-    shown = eval_images[:8]
+def write_grids(model, schedule, cfg, step: int, run_dir: Path, eval_data: Split) -> None:
+    """The sample grid (fixed seed, so grids are comparable across steps; one row per class for a
+    class-conditional model) and the reconstruction grid."""
+    labels, nrow = None, 0
+    if model.num_classes:
+        per_class = -(-cfg.trainer.num_grid_images // model.num_classes)
+        labels, nrow = class_rows(model.num_classes, per_class), per_class
+    count = len(labels) if labels is not None else cfg.trainer.num_grid_images
+    samples = sample_images(model, schedule, cfg.sampler, (count, *image_shape(cfg.data)),
+                            batch_size=cfg.trainer.batch_size, seed=cfg.trainer.seed, labels=labels)
+    save_grid(samples, run_dir / "samples" / f"step_{step:07d}.png", nrow)
+    shown = eval_data.head(8)
     save_grid(to_unit(reconstructions(model, schedule, shown, cfg.trainer.seed)),
-              run_dir / "reconstructions" / f"step_{step:07d}.png", nrow=len(shown))
-    return gradient_quality(samples) if cfg.data.kind == "gradients" else {}
+              run_dir / "reconstructions" / f"step_{step:07d}.png", nrow=len(shown.images))
 
 
-def save_checkpoint(model, optimizer, generator, cfg, step: int, run_dir: Path) -> None:
+# The fast sampler of the quality metrics during training.
+QUALITY_SAMPLER = OmegaConf.create({"kind": "ddim", "steps": 50, "eta": 0.0, "clip_x0": True})
+
+
+def quality(model, schedule: NoiseSchedule, cfg: DictConfig) -> dict:
+    """The data's quality metrics on trainer.num_quality_images samples drawn with QUALITY_SAMPLER
+    from a fixed seed (balanced labels for a class-conditional model, no guidance)."""
+    count = cfg.trainer.num_quality_images
+    labels = torch.arange(count) % model.num_classes if model.num_classes else None
+    sampler = OmegaConf.merge(QUALITY_SAMPLER, {"steps": min(QUALITY_SAMPLER.steps, schedule.T)})
+    images = sample_images(model, schedule, sampler, (count, *image_shape(cfg.data)),
+                           batch_size=cfg.trainer.batch_size, seed=cfg.trainer.seed, labels=labels)
+    return sample_quality(images, cfg.data, labels)
+
+
+def save_checkpoint(model, ema: EMA | None, optimizer, generator, cfg, step: int, run_dir: Path) -> None:
     """checkpoints/step_N.pt, keeping the last `keep_checkpoints`, and last.pt."""
     state = {
         "format_version": checkpoint.FORMAT_VERSION,
@@ -282,6 +361,8 @@ def save_checkpoint(model, optimizer, generator, cfg, step: int, run_dir: Path) 
         "rng": {"torch": torch.get_rng_state(), "train": generator.get_state(),
                 "python": random.getstate()},
     }
+    if ema:
+        state["ema"] = ema.model.state_dict()
     if torch.cuda.is_available():
         state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
     directory = run_dir / "checkpoints"

@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # Made absolute: the CLI tests run in other working directories.
 os.environ["DIFFUSION_CLI_DATA"] = os.path.abspath(
     os.environ.get("DIFFUSION_CLI_DATA", ROOT.parent / "shared" / "data"))
+
+# The MNIST classifier cache of this test session (the mnist_classifier fixture fills it), so tests
+# never read or write the user's ~/.cache.
+os.environ["DIFFUSION_CLI_CACHE"] = tempfile.mkdtemp(prefix="diffusion-cli-cache-")
 
 # Tiny settings that keep a whole training run to a few seconds on 2 CPU cores.
 TINY_TRAIN = [
@@ -41,3 +46,22 @@ def trained_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("trained") / "run"
     run_cli("diffusion-train", *TINY_TRAIN, f"hydra.run.dir={run_dir}", cwd=run_dir.parent)
     return run_dir
+
+
+def has_mnist() -> bool:
+    return os.path.isdir(os.path.join(os.environ["DIFFUSION_CLI_DATA"], "MNIST"))
+
+
+@pytest.fixture(scope="session")
+def mnist_classifier():
+    """A classifier trained for 200 steps (seconds, not the real one's minutes) stands in for the
+    cached one; returns (model, cache entry)."""
+    if not has_mnist():
+        pytest.skip("no MNIST beside the checkout")
+    import torch
+    from diffusion_cli import classifier
+
+    path = classifier.cache_dir() / f"mnist_classifier_v{classifier.VERSION}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(classifier.train_classifier(os.environ["DIFFUSION_CLI_DATA"], False, steps=200), path)
+    return classifier.load_classifier(os.environ["DIFFUSION_CLI_DATA"], False)

@@ -15,17 +15,23 @@ def test_train_writes_a_complete_run_dir(trained_run):
     for path in [".hydra/config.yaml", "train.log", "metrics.jsonl", "result.json",
                  "checkpoints/last.pt", "checkpoints/step_0000003.pt", "checkpoints/step_0000006.pt",
                  "samples/step_0000003.png", "samples/step_0000006.png",
-                 "reconstructions/step_0000006.png"]:
+                 "reconstructions/step_0000006.png", "loss.png", "loss_by_t.png", "denoising.png"]:
         assert (trained_run / path).is_file(), path
+        if path.endswith(".png"):
+            assert (trained_run / path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [2, 3, 4, 6]
     assert {"loss", "lr", "images_per_s", "eval_loss", "rms", "valid_frac"} <= lines[-1].keys()
     assert all(l["loss"] > 0 for l in lines if "loss" in l)
+    by_t = lines[-1]["eval_loss_by_t"]
+    assert len(by_t) == 10 and all(v > 0 for v in by_t)
+    # The eval loss is the mean over images spread evenly over t: the mean of the buckets.
+    assert abs(sum(by_t) / 10 - lines[-1]["eval_loss"]) < 0.2 * lines[-1]["eval_loss"]
 
 
 def test_checkpoint_is_self_describing_and_loads_with_weights_only(trained_run):
     state = torch.load(trained_run / "checkpoints" / "last.pt", weights_only=True)
-    assert {"model", "config", "step", "optimizer", "format_version", "rng"} <= state.keys()
+    assert {"model", "ema", "config", "step", "optimizer", "format_version", "rng"} <= state.keys()
     assert state["step"] == 6 and type(state["config"]) is dict
     assert state["config"]["model"]["kind"] == "mlp" and state["config"]["schedule"]["T"] == 20
     model, schedule, config = checkpoint.load(trained_run)
@@ -47,6 +53,19 @@ def test_sample_from_a_run_dir_is_reproducible(trained_run, tmp_path):
     assert (tmp_path / "a" / "samples.png").stat().st_size > 0
 
 
+def test_sample_uses_the_ema_weights_unless_told_not_to(trained_run, tmp_path):
+    drawn = {}
+    for use_ema in ("true", "false"):
+        run_cli("diffusion-sample", f"ckpt={trained_run}", "num_samples=3", f"use_ema={use_ema}",
+                f"hydra.run.dir={tmp_path / use_ema}", cwd=tmp_path)
+        drawn[use_ema] = torch.load(tmp_path / use_ema / "samples.pt", weights_only=True)
+    state = torch.load(trained_run / "checkpoints" / "last.pt", weights_only=True)
+    assert not torch.equal(state["ema"]["out.1.weight"], state["model"]["out.1.weight"])
+    assert not torch.equal(drawn["true"], drawn["false"])
+    model, _, _ = checkpoint.load(trained_run)
+    assert torch.equal(model.state_dict()["out.1.weight"], state["ema"]["out.1.weight"])
+
+
 def test_sample_accepts_a_checkpoint_file_and_a_respaced_sampler(trained_run, tmp_path):
     run_cli("diffusion-sample", f"ckpt={trained_run / 'checkpoints' / 'step_0000003.pt'}",
             "num_samples=3", "sampler.steps=5", f"hydra.run.dir={tmp_path / 's'}", cwd=tmp_path)
@@ -60,18 +79,50 @@ def test_relative_paths_resolve_from_the_working_directory(trained_run, tmp_path
     assert len(list((tmp_path / "outputs").glob("*/*-sample/samples.png"))) == 1
 
 
-def test_unet_on_mnist_trains_and_samples(tmp_path):
-    if not os.path.isdir(os.path.join(os.environ["DIFFUSION_CLI_DATA"], "MNIST")):
-        pytest.skip("no MNIST beside the checkout")
+def test_unet_on_mnist_trains_and_samples(tmp_path, mnist_classifier):
     run_dir = tmp_path / "mnist"
     run_cli("diffusion-train", "model=unet", "data=mnist", "data.num_train=64", "data.num_eval=8",
             "model.base_channels=8", "model.time_dim=16", "schedule.T=10", "trainer.batch_size=8",
             "trainer.max_steps=2", "trainer.num_eval_images=8", "trainer.num_grid_images=2",
-            f"hydra.run.dir={run_dir}", cwd=tmp_path)
+            "trainer.num_quality_images=16", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert (run_dir / "samples" / "step_0000002.png").is_file()
+    result = json.loads((run_dir / "result.json").read_text())
+    assert {"classifier_fd", "confident_frac", "class_entropy"} <= result.keys()
     run_cli("diffusion-sample", f"ckpt={run_dir}", "num_samples=2", f"hydra.run.dir={tmp_path / 's'}",
             cwd=tmp_path)
     assert torch.load(tmp_path / "s" / "samples.pt", weights_only=True).shape == (2, 1, 28, 28)
+
+
+TINY_RESUNET = ["data=mnist", "model=resunet", "data.num_train=64", "data.num_eval=8",
+                "model.base_channels=8", "schedule.T=10", "trainer.batch_size=8", "trainer.max_steps=2",
+                "trainer.num_eval_images=8", "trainer.num_grid_images=12", "trainer.num_quality_images=20"]
+
+
+def test_class_conditional_v_prediction_trains_and_samples_with_guidance(tmp_path, mnist_classifier):
+    run_dir = tmp_path / "conditional"
+    run_cli("diffusion-train", *TINY_RESUNET, "model.num_classes=10", "model.prediction=v",
+            "trainer.loss_weighting=min_snr", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    result = json.loads((run_dir / "result.json").read_text())
+    assert 0 <= result["label_accuracy"] <= 1 and result["classifier_fd"] > 0
+    model, _, config = checkpoint.load(run_dir)
+    assert model.prediction == "v" and model.num_classes == 10 and config.model.prediction == "v"
+
+    run_cli("diffusion-sample", f"ckpt={run_dir}", "label=all", "num_samples=15", "guidance_scale=3",
+            "eval=true", "sampler=ddim", "sampler.steps=5", f"hydra.run.dir={tmp_path / 'all'}", cwd=tmp_path)
+    images = torch.load(tmp_path / "all" / "samples.pt", weights_only=True)
+    assert images.shape == (20, 1, 28, 28)  # one row of ceil(15 / 10) = 2 per class
+    quality = json.loads((tmp_path / "all" / "quality.json").read_text())
+    assert len(quality["label_accuracy_by_class"]) == 10 and "classifier_fd" in quality
+
+    drawn = {}
+    for scale in ("1", "3"):
+        run_cli("diffusion-sample", f"ckpt={run_dir}", "label=3", "num_samples=4", f"guidance_scale={scale}",
+                "sampler=ddim", "sampler.steps=5", f"hydra.run.dir={tmp_path / scale}", cwd=tmp_path)
+        drawn[scale] = torch.load(tmp_path / scale / "samples.pt", weights_only=True)
+    assert not torch.equal(drawn["1"], drawn["3"])
+
+    result = run_cli("diffusion-sample", f"ckpt={run_dir}", "label=10", cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "0 to 9" in result.stderr
 
 
 def read_summary(sweep_dir):
@@ -93,6 +144,7 @@ def test_sweep_runs_every_combination_and_writes_a_summary(tmp_path):
     for column in ("loss", "eval_loss", "rms", "valid_frac", "steps", "wall_s", "run_dir", "status"):
         assert column in header
     assert all(r["status"] == "ok" and float(r["eval_loss"]) > 0 and r["steps"] == "6" for r in rows)
+    assert (sweep_dir / "summary.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_a_failing_sweep_job_is_recorded_and_the_others_still_run(tmp_path):
@@ -135,6 +187,14 @@ BAD_INPUT = [
     ("diffusion-sample", ["ckpt=x.pt", "num_samples=0"], "num_samples"),
     ("diffusion-sample", ["ckpt=TRAINED", "sampler.steps=0"], "sampler.steps"),
     ("diffusion-sample", ["ckpt=TRAINED", "sampler.steps=5000"], "sampler.steps"),
+    ("diffusion-sample", ["ckpt=TRAINED", "label=3"], "class-conditional"),  # unconditional model
+    ("diffusion-sample", ["ckpt=TRAINED", "label=three"], "label"),
+    ("diffusion-sample", ["ckpt=TRAINED", "guidance_scale=3"], "guidance_scale"),
+    ("diffusion-train", ["model.num_classes=10"], "model.num_classes"),        # gradients: no labels
+    ("diffusion-train", ["model.prediction=noise"], "model.prediction"),
+    ("diffusion-train", ["trainer.loss_weighting=snr"], "trainer.loss_weighting"),
+    ("diffusion-train", ["trainer.ema_decay=1"], "trainer.ema_decay"),
+    ("diffusion-train", ["model=resunet", "model.channel_mults=[1,2,2,2,2,2]"], "divisible by 32"),
 ]
 
 

@@ -37,6 +37,13 @@ def test_every_group_file_names_what_it_builds():
             assert OmegaConf.load(path).kind == path.stem
 
 
+def test_mnist_defaults_to_the_resunet_unless_a_model_is_given():
+    assert compose_train().model.kind == "mlp"
+    assert compose_train("data=mnist").model.kind == "resunet"
+    assert compose_train("model=unet", "data=mnist").model.kind == "unet"
+    assert compose_train("data=mnist", "model=mlp").model.kind == "mlp"
+
+
 def test_sample_config_composes_with_its_sampler_group():
     with initialize_config_module("diffusion_cli.conf", version_base="1.3"):
         cfg = compose("sample", overrides=["ckpt=x.pt", "sampler.steps=10"])
@@ -61,6 +68,10 @@ def test_wrong_types_and_unknown_names_fail_at_compose_time(override):
     ("trainer.lr_schedule=step", "trainer.lr_schedule"),
     ("sampler.steps=5000", "sampler.steps"),
     ("model.depth=-2", "model.depth"),
+    ("model.num_classes=-1", "model.num_classes"),
+    ("trainer.cond_drop_prob=2", "trainer.cond_drop_prob"),
+    ("trainer.quality_every=-1", "trainer.quality_every"),
+    ("trainer.num_quality_images=-5", "trainer.num_quality_images"),
 ])
 def test_out_of_range_values_name_their_key(override, key):
     with pytest.raises(UserError, match=key.replace(".", r"\.")) as error:

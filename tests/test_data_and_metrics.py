@@ -27,7 +27,8 @@ def test_gradient_images_follow_the_generator_formula():
 
 
 def test_load_data_gives_disjoint_sets_in_minus_one_one():
-    train, evaluation = load_data(OmegaConf.create(GRADIENTS))
+    (train, train_labels), (evaluation, _) = load_data(OmegaConf.create(GRADIENTS))
+    assert train_labels is None  # gradients have no classes
     assert train.shape == (200, 3, 16, 16) and evaluation.shape == (50, 3, 16, 16)
     assert train.min() >= -1 and train.max() <= 1
     assert train.min() < -0.9 and train.max() > 0.9  # the full range, not rescaled per image
@@ -54,9 +55,11 @@ def test_quality_flags_noise_and_collapse():
 def test_mnist_loads_from_the_shared_data_root():
     cfg = OmegaConf.create(dict(kind="mnist", root=os.environ["DIFFUSION_CLI_DATA"], download=False,
                                 channels=1, height=28, width=28, num_train=100, num_eval=10))
-    train, evaluation = load_data(cfg)
+    (train, train_labels), (evaluation, eval_labels) = load_data(cfg)
     assert train.shape == (100, 1, 28, 28) and evaluation.shape == (10, 1, 28, 28)
     assert train.min() == -1 and train.max() == 1
+    assert train_labels.shape == (100,) and set(train_labels.tolist()) == set(range(10))
+    assert eval_labels[:3].tolist() == [7, 2, 1]  # the first digits of the MNIST test set
 
 
 @pytest.mark.parametrize("download", [False, True])

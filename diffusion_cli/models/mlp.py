@@ -28,11 +28,12 @@ class MLP(nn.Module):
     than the number of pixels: much of the noise is a linear function of x_t whose scale depends
     on t (1 / sqrt(1 - alpha_bar_t) off the data), which the per-feature gain of t can express."""
 
-    def __init__(self, image_shape: tuple[int, int, int], width: int = 256, depth: int = 2):
+    def __init__(self, image_shape: tuple[int, int, int], width: int = 256, depth: int = 2,
+                 num_classes: int = 0):
         super().__init__()
-        self.image_shape = tuple(image_shape)
+        self.image_shape, self.num_classes = tuple(image_shape), num_classes
         features = math.prod(image_shape)
-        self.time = TimeEmbedding(width)
+        self.time = TimeEmbedding(width, num_classes)
         self.inp = nn.Linear(features, width)
         self.blocks = nn.ModuleList(ResidualBlock(width) for _ in range(depth))
         self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, features))
@@ -43,8 +44,8 @@ class MLP(nn.Module):
         nn.init.zeros_(self.gain.weight)
         nn.init.zeros_(self.gain.bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        emb = self.time(t)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.time(t, labels)
         h = self.inp(x.flatten(1))
         for block in self.blocks:
             h = block(h, emb)

@@ -1,6 +1,8 @@
 """A small U-Net in the style of the seed tutorials: double conv blocks, two down and two up stages
 with skip connections, the timestep embedding added in every block."""
 
+import math
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -9,7 +11,7 @@ from .embedding import TimeEmbedding
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(8, channels), channels)
+    return nn.GroupNorm(math.gcd(8, channels), channels)
 
 
 class DoubleConv(nn.Module):
@@ -32,15 +34,16 @@ class DoubleConv(nn.Module):
 class UNet(nn.Module):
     """Widths: base at full resolution, 2*base at 1/2 and 1/4. H and W must be divisible by 4."""
 
-    def __init__(self, image_shape: tuple[int, int, int], base_channels: int = 64, time_dim: int = 128):
+    def __init__(self, image_shape: tuple[int, int, int], base_channels: int = 64, time_dim: int = 128,
+                 num_classes: int = 0):
         super().__init__()
         channels, height, width = image_shape
         if height % 4 or width % 4:
             raise ValueError(f"model=unet needs image height and width divisible by 4 (two 2x "
                              f"down-samplings), got {height}x{width}; use model=mlp or another size")
-        self.image_shape = tuple(image_shape)
+        self.image_shape, self.num_classes = tuple(image_shape), num_classes
         b = base_channels
-        self.time = TimeEmbedding(time_dim)
+        self.time = TimeEmbedding(time_dim, num_classes)
         self.inc = DoubleConv(channels, b, time_dim)
         self.down1 = DoubleConv(b, 2 * b, time_dim)
         self.down2 = DoubleConv(2 * b, 2 * b, time_dim)
@@ -48,8 +51,8 @@ class UNet(nn.Module):
         self.up2 = DoubleConv(2 * b, b, time_dim)
         self.out = nn.Conv2d(b, channels, 1)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        emb = self.time(t)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.time(t, labels)
         h1 = self.inc(x, emb)                           # H
         h2 = self.down1(F.max_pool2d(h1, 2), emb)       # H/2
         h3 = self.down2(F.max_pool2d(h2, 2), emb)       # H/4

@@ -1,0 +1,23 @@
+"""An exponential moving average of the model's weights: the weights sampling uses."""
+
+import copy
+
+import torch
+from torch import nn
+
+
+class EMA:
+    """ema = decay_n * ema + (1 - decay_n) * weights after every optimizer step n, with the warm-up
+    decay_n = min(decay, (1 + n) / (10 + n)): early on the average forgets the random
+    initialisation fast, later it averages over about 1 / (1 - decay) steps. Buffers are copied."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1 - decay)
+        for average, buffer in zip(self.model.buffers(), model.buffers()):
+            average.copy_(buffer)

@@ -1,0 +1,120 @@
+"""The standard diffusion U-Net (Ho et al. 2020; Nichol & Dhariwal 2021), sized for small images:
+residual blocks with GroupNorm and SiLU, the time (and label) embedding through an MLP into every
+block, self-attention at the lowest resolution, dropout, skip connections between the halves."""
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .embedding import TimeEmbedding
+from .unet import group_norm
+
+
+def zero(module: nn.Module) -> nn.Module:
+    """Zero-initialise the last layer of a residual branch: each block starts as the identity."""
+    for parameter in module.parameters():
+        nn.init.zeros_(parameter)
+    return module
+
+
+class ResBlock(nn.Module):
+    """x + conv(dropout(SiLU(GN(conv(SiLU(GN(x))) + emb)))), with a 1x1 skip when widths differ."""
+
+    def __init__(self, in_channels: int, out_channels: int, emb_dim: int, dropout: float):
+        super().__init__()
+        self.norm1 = group_norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, out_channels)
+        self.norm2 = group_norm(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero(nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb(emb)[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over the pixels of a feature map, as a residual branch."""
+
+    def __init__(self, channels: int, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.norm = group_norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.out = zero(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).transpose(-1, -2).unbind(1)
+        attended = F.scaled_dot_product_attention(q, k, v)           # (b, heads, hw, c / heads)
+        return x + self.out(attended.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class ResUNet(nn.Module):
+    """Levels of widths base_channels * channel_mults[i], halving the resolution between levels;
+    num_res_blocks residual blocks per level on the way down, one more on the way up; the middle
+    is ResBlock, Attention (if `attention`), ResBlock. H and W must be divisible by
+    2^(levels - 1)."""
+
+    def __init__(self, image_shape: tuple[int, int, int], base_channels: int = 32,
+                 channel_mults: tuple[int, ...] = (1, 2, 2), num_res_blocks: int = 1,
+                 attention: bool = True, dropout: float = 0.1, num_classes: int = 0):
+        super().__init__()
+        channels, height, width = image_shape
+        factor = 2 ** (len(channel_mults) - 1)
+        if height % factor or width % factor:
+            raise ValueError(f"model=resunet with {len(channel_mults)} levels needs image height and "
+                             f"width divisible by {factor}, got {height}x{width}; use fewer "
+                             f"model.channel_mults or another size")
+        widths = [base_channels * mult for mult in channel_mults]
+        if attention and widths[-1] % 4:
+            raise ValueError(f"model.attention needs the lowest level's width ({widths[-1]}) "
+                             f"divisible by its 4 heads: change model.base_channels")
+        self.image_shape, self.num_classes = tuple(image_shape), num_classes
+        emb_dim = 4 * base_channels
+        self.time = TimeEmbedding(base_channels, num_classes, out_dim=emb_dim)
+        self.inp = nn.Conv2d(channels, widths[0], 3, padding=1)
+
+        self.down, skip_widths, current = nn.ModuleList(), [widths[0]], widths[0]
+        for level, width_ in enumerate(widths):
+            for _ in range(num_res_blocks):
+                self.down.append(ResBlock(current, width_, emb_dim, dropout))
+                current = width_
+                skip_widths.append(current)
+            if level < len(widths) - 1:
+                self.down.append(nn.Conv2d(current, current, 3, stride=2, padding=1))
+                skip_widths.append(current)
+
+        self.middle1 = ResBlock(current, current, emb_dim, dropout)
+        self.attention = Attention(current) if attention else nn.Identity()
+        self.middle2 = ResBlock(current, current, emb_dim, dropout)
+
+        self.up = nn.ModuleList()
+        for level, width_ in reversed(list(enumerate(widths))):
+            for _ in range(num_res_blocks + 1):
+                self.up.append(ResBlock(current + skip_widths.pop(), width_, emb_dim, dropout))
+                current = width_
+            if level > 0:
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                                             nn.Conv2d(current, current, 3, padding=1)))
+        self.out = nn.Sequential(group_norm(current), nn.SiLU(),
+                                 zero(nn.Conv2d(current, channels, 3, padding=1)))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.time(t, labels)
+        h = self.inp(x)
+        skips = [h]
+        for layer in self.down:
+            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+            skips.append(h)
+        h = self.middle2(self.attention(self.middle1(h, emb)), emb)
+        for layer in self.up:
+            if isinstance(layer, ResBlock):
+                h = layer(torch.cat([h, skips.pop()], dim=1), emb)
+            else:
+                h = layer(h)
+        return self.out(h)
