@@ -78,13 +78,16 @@ def ddim_step(schedule: NoiseSchedule, output: torch.Tensor, t: int, t_prev: int
               eta: float, noise: torch.Tensor | None, clip_x0: bool = True, prediction: str = "eps"
               ) -> torch.Tensor:
     """One DDIM step x_t -> x_{t_prev} (Song et al. 2021, eq. 12); t_prev = -1 means alpha_bar = 1.
-    eta = 0 is deterministic, eta = 1 has the variance of DDPM's posterior. As in diffusers, the
-    direction term keeps the model's eps even when x0 is clipped."""
+    eta = 0 is deterministic, eta = 1 has the variance of DDPM's posterior. When x0 is clipped, eps
+    is recomputed from it (diffusers' use_clipped_model_output=True), so the step stays consistent
+    with x_t: keeping the model's eps next to a clipped x0 blows images out under guidance."""
     ab = schedule.alpha_bars[t]
     ab_prev = schedule.alpha_bars[t_prev] if t_prev >= 0 else torch.ones_like(ab)
-    eps, x0 = schedule.eps_and_x0(x, torch.full((x.shape[0],), t, device=x.device), output, prediction)
+    index = torch.full((x.shape[0],), t, device=x.device)
+    eps, x0 = schedule.eps_and_x0(x, index, output, prediction)
     if clip_x0:
         x0 = x0.clamp(-1, 1)
+        eps, _ = schedule.eps_and_x0(x, index, x0, "x0")
     sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
     x_prev = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).sqrt() * eps
     return x_prev + sigma * noise if eta > 0 and noise is not None else x_prev

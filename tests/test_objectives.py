@@ -135,6 +135,7 @@ def test_ddim_step_matches_diffusers_for_x0_and_v(prediction, diffusers_name):
     x, output = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)
     for k in (0, 25, 49):
         t, t_prev = timesteps[k], timesteps[k + 1] if k + 1 < 50 else -1
-        expected = reference.step(output, t, x, eta=0.0, return_dict=False)[0]
+        expected = reference.step(output, t, x, eta=0.0, use_clipped_model_output=True,
+                                  return_dict=False)[0]
         torch.testing.assert_close(ddim_step(SCHEDULE, output, t, t_prev, x, 0.0, None, True, prediction),
                                    expected, atol=1e-5, rtol=1e-5)

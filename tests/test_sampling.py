@@ -129,7 +129,8 @@ def test_whole_ddim_trajectory_matches_diffusers_at_eta_0():
     theirs = [x]
     with torch.no_grad():
         for t in scheduler.timesteps:
-            x = scheduler.step(model(x, t.expand(shape[0])), t, x, eta=0.0).prev_sample
+            x = scheduler.step(model(x, t.expand(shape[0])), t, x, eta=0.0,
+                               use_clipped_model_output=True).prev_sample
             theirs.append(x)
     torch.testing.assert_close(ours, torch.stack(theirs), atol=1e-4, rtol=1e-4)
 
@@ -143,7 +144,8 @@ def test_ddim_single_steps_match_diffusers_at_eta_1():
     s = NoiseSchedule(T=1000)
     x, eps, noise = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
     for t in (999, 519, 39):
-        theirs = scheduler.step(eps, t, x, eta=1.0, variance_noise=noise).prev_sample
+        theirs = scheduler.step(eps, t, x, eta=1.0, variance_noise=noise,
+                                use_clipped_model_output=True).prev_sample
         torch.testing.assert_close(ddim_step(s, eps, t, t - 20, x, 1.0, noise), theirs, atol=1e-5, rtol=1e-4)
 
 

@@ -60,7 +60,7 @@ class ResUNet(nn.Module):
     is ResBlock, Attention (if `attention`), ResBlock. H and W must be divisible by
     2^(levels - 1)."""
 
-    def __init__(self, image_shape: tuple[int, int, int], base_channels: int = 32,
+    def __init__(self, image_shape: tuple[int, int, int], base_channels: int = 16,
                  channel_mults: tuple[int, ...] = (1, 2, 2), num_res_blocks: int = 1,
                  attention: bool = True, dropout: float = 0.1, num_classes: int = 0):
         super().__init__()
