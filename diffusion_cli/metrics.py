@@ -72,7 +72,8 @@ def mnist_quality(images: torch.Tensor, classifier, reference: dict,
     confident_frac: fraction of samples whose top class probability is above CONFIDENT;
     class_entropy: entropy in bits of the histogram of predicted classes (log2(10) = 3.32 for
     balanced classes; lower means some digits are missing: mode collapse);
-    label_accuracy (with `labels`, the classes asked for): fraction classified as asked.
+    label_accuracy (with `labels`, the classes asked for): fraction classified as asked, overall
+    and, as label_accuracy_by_class, for each class asked for.
     """
     images = images.cpu()
     features = torch.cat([classifier.features(chunk) for chunk in images.split(500)]).double()
@@ -87,7 +88,10 @@ def mnist_quality(images: torch.Tensor, classifier, reference: dict,
         "class_entropy": -(nonzero * nonzero.log2()).sum().item(),
     }
     if labels is not None:
-        result["label_accuracy"] = (predicted == labels.cpu()).double().mean().item()
+        correct = (predicted == labels.cpu()).double()
+        result["label_accuracy"] = correct.mean().item()
+        result["label_accuracy_by_class"] = {int(k): correct[labels.cpu() == k].mean().item()
+                                             for k in labels.unique()}
     return result
 
 

@@ -47,12 +47,11 @@ def sample_from_checkpoint(cfg: DictConfig, run_dir: Path) -> dict:
     metrics = {}
     if cfg.eval or train_cfg.data.kind == "gradients":
         metrics = sample_quality(images, train_cfg.data, labels)
+        by_class = metrics.pop("label_accuracy_by_class", {})
         log.info("quality: " + ", ".join(f"{key} {value:.4f}" for key, value in metrics.items()))
-        if cfg.label == "all" and "label_accuracy" in metrics:
-            metrics["label_accuracy_by_class"] = by_class = [
-                sample_quality(images[labels == k], train_cfg.data, labels[labels == k])["label_accuracy"]
-                for k in range(model.num_classes)]
-            log.info("label_accuracy by class: " + ", ".join(f"{k}: {a:.3f}" for k, a in enumerate(by_class)))
+        if len(by_class) > 1:
+            log.info("label_accuracy by class: " + ", ".join(f"{k}: {a:.3f}" for k, a in by_class.items()))
+            metrics["label_accuracy_by_class"] = by_class
         with atomic_write(run_dir / "quality.json") as file:
             file.write(json.dumps(metrics, indent=2))
     log.info(f"wrote {grid} and {run_dir / 'samples.pt'}")

@@ -23,11 +23,10 @@ def denoiser(model: nn.Module, labels: torch.Tensor | None = None, guidance_scal
         return model
     if guidance_scale == 1.0:
         return lambda x, t: model(x, t, labels)
-    null = torch.full_like(labels, model.num_classes)
+    both = torch.cat([labels, torch.full_like(labels, model.num_classes)])  # label, then null
 
     def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        conditional, unconditional = model(torch.cat([x, x]), torch.cat([t, t]),
-                                           torch.cat([labels, null])).chunk(2)
+        conditional, unconditional = model(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
         return unconditional + guidance_scale * (conditional - unconditional)
     return guided
 
@@ -149,6 +148,12 @@ def sample(model: nn.Module, schedule: NoiseSchedule, shape, *, sampler: str = "
     return result if return_all_steps else result.clamp(-1, 1)
 
 
+def sampler_options(sampler_cfg) -> dict:
+    """The keyword arguments of `sample` that a `sampler` config group sets."""
+    return dict(sampler=sampler_cfg.kind, steps=sampler_cfg.steps, clip_x0=sampler_cfg.clip_x0,
+                eta=sampler_cfg.get("eta", 0.0))
+
+
 def class_rows(num_classes: int, per_class: int) -> torch.Tensor:
     """Labels for a grid with one row per class: per_class 0s, then per_class 1s, ..."""
     return torch.arange(num_classes).repeat_interleave(per_class)
@@ -169,8 +174,7 @@ def sample_images(model: nn.Module, schedule: NoiseSchedule, sampler_cfg, shape,
     batches = range(0, total, batch_size)
     for start in tqdm(batches, desc="batches", disable=not progress or len(batches) == 1):
         noise = x_T[start:start + batch_size]
-        chunk = sample(model, schedule, noise.shape, sampler=sampler_cfg.kind, steps=sampler_cfg.steps,
-                       clip_x0=sampler_cfg.clip_x0, eta=sampler_cfg.get("eta", 0.0),
+        chunk = sample(model, schedule, noise.shape, **sampler_options(sampler_cfg),
                        generator=generator, progress=progress, x_T=noise,
                        labels=None if labels is None else labels[start:start + batch_size],
                        guidance_scale=guidance_scale)
