@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from .atomic import atomic_write
 from .errors import UserError
 from .models import build_model
+from .runtime import use_channels_last
 from .schedule import NoiseSchedule
 
 FORMAT_VERSION = 1
@@ -83,4 +84,4 @@ def load(path: str | Path, device="cpu", use_ema: bool = True
         raise UserError(f"ckpt={path}: its weights do not match its own model config "
                         f"({str(error).splitlines()[0]})") from None
     schedule = NoiseSchedule.from_config(config.schedule).to(device)
-    return model.eval(), schedule, config
+    return use_channels_last(model).eval(), schedule, config

@@ -10,9 +10,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, MissingConfigException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+import torch.distributed as dist
+from omegaconf import DictConfig, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
+from . import runtime
 from .config import validate
 from .errors import UserError
 from .stopping import Stopped
@@ -67,12 +69,17 @@ class Callbacks(Callback):
             validate(config)
         except UserError as error:
             fail(str(error))
+        share_run_dir(config)
         run_dir = Path(config.hydra.run.dir)
         try:
             run_dir.mkdir(parents=True, exist_ok=True)  # what Hydra does next, with a clear error
         except OSError as error:
             fail(f"cannot create the run dir {run_dir} ({error.strerror}): run from a writable "
                  f"directory or set hydra.run.dir=PATH")
+
+    def on_run_end(self, config: DictConfig, **kwargs) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         """Rebuild summary.csv once more (parallel launchers) and exit non-zero if a job failed."""
@@ -83,6 +90,20 @@ class Callbacks(Callback):
         if failed:
             fail(f"{failed} of {len(rows)} sweep jobs failed; their errors are in the summary's "
                  f"error column", code=1)
+
+
+def share_run_dir(config: DictConfig) -> None:
+    """Under torchrun every rank would resolve its own ${now:...} run dir: all take rank 0's. The
+    other ranks keep out of its .hydra/, log to <job>_rank<N>.log, and print warnings only."""
+    runtime.init_distributed()
+    if runtime.world_size() == 1:
+        return
+    with read_write(config), open_dict(config):
+        config.hydra.run.dir = runtime.broadcast(str(config.hydra.run.dir))
+        if not runtime.is_main():
+            config.hydra.output_subdir = None
+            config.hydra.job.name = f"{config.hydra.job.name}_rank{runtime.rank()}"
+            config.hydra.job_logging.handlers.console.level = "WARNING"
 
 
 def run_task(task, cfg: DictConfig) -> None:
@@ -109,6 +130,7 @@ def run_task(task, cfg: DictConfig) -> None:
         log.exception("job failed")  # the traceback goes to the job's log; the sweep goes on
         write_result(run_dir, overrides, {}, "failed", f"{type(error).__name__}: {error}")
     else:
-        write_result(run_dir, overrides, metrics, "ok")
+        if runtime.is_main():  # under torchrun, rank 0 writes
+            write_result(run_dir, overrides, metrics, "ok")
     if multirun:
         write_summary(Path(hydra_cfg.sweep.dir))

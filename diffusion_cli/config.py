@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Optional
 
-import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
@@ -17,6 +16,7 @@ from . import checkpoint
 from .data import DATA_KINDS, NUM_CLASSES
 from .errors import UserError
 from .models import MODELS
+from .runtime import PRECISIONS, resolve_device
 from .sampling import SAMPLERS
 from .schedule import PREDICTIONS, SCHEDULE_KINDS
 
@@ -92,6 +92,8 @@ class TrainerConfig:
     quality_every: int = MISSING
     num_quality_images: int = MISSING
     max_nonfinite_skips: int = MISSING
+    precision: str = MISSING
+    compile: bool = MISSING
 
 
 @dataclass
@@ -119,6 +121,8 @@ class SampleConfig:
     guidance_scale: float = MISSING
     use_ema: bool = MISSING
     eval: bool = MISSING
+    precision: str = MISSING
+    compile: bool = MISSING
     sampler: Any = MISSING
 
 
@@ -206,6 +210,8 @@ RULES = [
     ("trainer.quality_every", _non_negative, "an integer >= 0 (0: only at the end)"),
     ("trainer.num_quality_images", _non_negative, "an integer >= 0 (0: no quality metrics)"),
     ("trainer.max_nonfinite_skips", _non_negative, "an integer >= 0"),
+    ("trainer.precision", *_one_of(tuple(PRECISIONS))),
+    ("precision", *_one_of(tuple(PRECISIONS))),
     ("sampler.steps", lambda v: v is None or v >= 1, "null (all T) or an integer >= 1"),
     ("sampler.eta", lambda v: 0 <= v <= 1, "a number from 0 (deterministic) to 1"),
     ("num_samples", _positive, "an integer >= 1"),
@@ -269,19 +275,6 @@ def check_sampler_steps(sampler_cfg: DictConfig, T: int) -> None:
     if sampler_cfg.steps is not None and sampler_cfg.steps > T:
         raise UserError(f"sampler.steps={sampler_cfg.steps} is more than the model's schedule.T={T}: "
                         f"use at most {T}, or null for all of them")
-
-
-def resolve_device(name: str, key: str = "device") -> torch.device:
-    """`auto` is CUDA when available, else the CPU; an explicit device must exist."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"{key}={name} is not a device: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"{key}={name} but this machine has no usable CUDA GPU: use {key}=auto or cpu")
-    return device
 
 
 def to_plain(cfg: DictConfig) -> dict:

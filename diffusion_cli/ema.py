@@ -16,8 +16,11 @@ class EMA:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
-        decay = min(self.decay, (1 + step) / (10 + step))
-        torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1 - decay)
+    def update(self, model: nn.Module, step: int, weight: torch.Tensor | None = None) -> None:
+        """`weight` (a 0-dim tensor, 0 or 1) turns the update off on the device, without a host
+        sync: the training step passes 0 for a skipped step."""
+        rate = 1 - min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()),
+                             rate if weight is None else rate * weight)
         for average, buffer in zip(self.model.buffers(), model.buffers()):
             average.copy_(buffer)

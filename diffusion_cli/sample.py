@@ -12,11 +12,12 @@ from omegaconf import DictConfig
 from . import checkpoint
 from .atomic import atomic_write
 from .cli import console_script, run_task
-from .config import check_sampler_steps, resolve_device
+from .config import check_sampler_steps
 from .errors import UserError
 from .images import save_grid
 from .metrics import sample_quality
 from .models import image_shape
+from .runtime import autocast, compiled, resolve_device
 from .sampling import class_rows, sample_images
 
 log = logging.getLogger(__name__)
@@ -29,17 +30,22 @@ def sample_from_checkpoint(cfg: DictConfig, run_dir: Path) -> dict:
     device = resolve_device(cfg.device)
     model, schedule, train_cfg = checkpoint.load(cfg.ckpt, device, use_ema=cfg.use_ema)
     check_sampler_steps(cfg.sampler, schedule.T)
+    shape = image_shape(train_cfg.data)
     labels, nrow = requested_labels(cfg, model.num_classes)
     count = len(labels) if labels is not None else cfg.num_samples
     steps = cfg.sampler.steps or schedule.T
+    example = (torch.zeros(2, *shape, device=device), torch.zeros(2, dtype=torch.long, device=device),
+               torch.zeros(2, dtype=torch.long, device=device) if model.num_classes else None)
+    model = compiled(model, cfg.compile, example, "compile")
     log.info(f"run dir: {run_dir}")
     log.info(f"sampling {count} images from {checkpoint.resolve(cfg.ckpt)} with "
              f"{cfg.sampler.kind}, {steps} steps, seed {cfg.seed}, on {device}"
              + (f", label {cfg.label}, guidance {cfg.guidance_scale}" if labels is not None else ""))
-    shape = (count, *image_shape(train_cfg.data))
     started = time.perf_counter()
-    images = sample_images(model, schedule, cfg.sampler, shape, batch_size=cfg.batch_size,
-                           seed=cfg.seed, labels=labels, guidance_scale=cfg.guidance_scale, progress=True)
+    with autocast(device, cfg.precision):
+        images = sample_images(model, schedule, cfg.sampler, (count, *shape), batch_size=cfg.batch_size,
+                               seed=cfg.seed, labels=labels, guidance_scale=cfg.guidance_scale,
+                               progress=True)
     sampling_s = time.perf_counter() - started
     log.info(f"sampled {count} images in {sampling_s:.1f} s")
     grid = save_grid(images, run_dir / "samples.png", nrow)

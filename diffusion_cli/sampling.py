@@ -1,5 +1,6 @@
 """Samplers as plain functions: a small `*_step` holding the math, and a loop around it."""
 
+import math
 from typing import Callable
 
 import torch
@@ -8,7 +9,7 @@ from tqdm.auto import tqdm
 
 from .images import to_unit
 from .models import eval_mode
-from .schedule import NoiseSchedule
+from .schedule import NoiseSchedule, combine
 
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -38,19 +39,25 @@ def randn(shape, generator: torch.Generator | None, device) -> torch.Tensor:
     return torch.randn(tuple(shape), generator=generator, device=noise_device).to(device)
 
 
+def clamped(x0: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """x0 clipped to [-1, 1]: in place when it is a tensor of the step's own (one pass less),
+    a copy when it is the caller's model output (an x0-predicting model)."""
+    return x0.clamp(-1, 1) if x0 is output else x0.clamp_(-1, 1)
+
+
 def ddpm_step(schedule: NoiseSchedule, output: torch.Tensor, i: int, x: torch.Tensor,
               noise: torch.Tensor | None, clip_x0: bool = True, prediction: str = "eps") -> torch.Tensor:
     """One ancestral step x_i -> x_{i-1} through x0 and the posterior q(x_{i-1} | x_i, x0) (Ho et
     al. eq. 7); `output` is the model's, of the `prediction` kind. With clip_x0=False and eps this
-    equals Algorithm 2. At i = 0 the variance is 0: no noise."""
-    index = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-    _, x0 = schedule.eps_and_x0(x, index, output, prediction)
+    equals Algorithm 2. At i = 0 the variance is 0: no noise. The coefficients at the int i are
+    Python numbers: a handful of elementwise ops per step."""
+    _, x0 = schedule.eps_and_x0(x, i, output, prediction)
     if clip_x0:
-        x0 = x0.clamp(-1, 1)
-    mean, variance = schedule.posterior_mean_variance(x0, x, index)
+        x0 = clamped(x0, output)
+    mean, variance = schedule.posterior_mean_variance(x0, x, i)
     if i == 0 or noise is None:
         return mean
-    return mean + variance.sqrt() * noise
+    return mean.add_(noise, alpha=math.sqrt(variance))
 
 
 def ddpm(denoise: Denoiser, schedule: NoiseSchedule, x: torch.Tensor, *, prediction: str = "eps",
@@ -80,16 +87,15 @@ def ddim_step(schedule: NoiseSchedule, output: torch.Tensor, t: int, t_prev: int
     eta = 0 is deterministic, eta = 1 has the variance of DDPM's posterior. When x0 is clipped, eps
     is recomputed from it (diffusers' use_clipped_model_output=True), so the step stays consistent
     with x_t: keeping the model's eps next to a clipped x0 blows images out under guidance."""
-    ab = schedule.alpha_bars[t]
-    ab_prev = schedule.alpha_bars[t_prev] if t_prev >= 0 else torch.ones_like(ab)
-    index = torch.full((x.shape[0],), t, device=x.device)
-    eps, x0 = schedule.eps_and_x0(x, index, output, prediction)
+    ab = schedule.numbers["alpha_bars"][t]
+    ab_prev = schedule.numbers["alpha_bars"][t_prev] if t_prev >= 0 else 1.0
+    eps, x0 = schedule.eps_and_x0(x, t, output, prediction)
     if clip_x0:
-        x0 = x0.clamp(-1, 1)
-        eps, _ = schedule.eps_and_x0(x, index, x0, "x0")
-    sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
-    x_prev = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).sqrt() * eps
-    return x_prev + sigma * noise if eta > 0 and noise is not None else x_prev
+        x0 = clamped(x0, output)
+        eps, _ = schedule.eps_and_x0(x, t, x0, "x0")
+    sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
+    x_prev = combine(math.sqrt(ab_prev), x0, math.sqrt(1 - ab_prev - sigma ** 2), eps)
+    return x_prev.add_(noise, alpha=sigma) if eta > 0 and noise is not None else x_prev
 
 
 def ddim(denoise: Denoiser, schedule: NoiseSchedule, x: torch.Tensor, *, steps: int, eta: float = 0.0,
@@ -111,7 +117,7 @@ def ddim(denoise: Denoiser, schedule: NoiseSchedule, x: torch.Tensor, *, steps: 
 SAMPLERS = ("ddpm", "ddim")
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sample(model: nn.Module, schedule: NoiseSchedule, shape, *, sampler: str = "ddpm",
            steps: int | None = None, clip_x0: bool = True, eta: float = 0.0,
            generator: torch.Generator | None = None, device=None, return_all_steps: bool = False,

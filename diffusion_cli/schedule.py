@@ -1,7 +1,8 @@
 """The DDPM noise schedule (Ho et al. 2020): every coefficient in one place, computed once.
 
 Timesteps are 0-based, t = 0 ... T-1, as in diffusers. Every method takes `t` as a LongTensor of
-shape (B,), one timestep per sample, and works for x of any shape (B, ...).
+shape (B,), one timestep per sample, or as an int, one timestep for the whole batch (the samplers'
+steps), and works for x of any shape (B, ...).
 """
 
 import math
@@ -31,6 +32,14 @@ def make_betas(kind: str, T: int, beta_start: float | None = None, beta_end: flo
         f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
         return (1 - f[1:] / f[:-1]).clamp(max=0.999)
     raise ValueError(f"schedule.kind={kind!r} is unknown; choose one of: {', '.join(SCHEDULE_KINDS)}")
+
+
+def combine(a, x: torch.Tensor, b, y: torch.Tensor) -> torch.Tensor:
+    """a x + b y, with a and b numbers or per-sample (B, 1, ...) tensors, in a single new tensor:
+    every formula of the schedule has this form, and on a sampler's hot path each allocation and
+    each pass over the batch shows."""
+    out = x * a
+    return out.add_(y, alpha=b) if isinstance(b, float) else out.addcmul_(y, b)
 
 
 class NoiseSchedule(nn.Module):
@@ -66,21 +75,26 @@ class NoiseSchedule(nn.Module):
         }
         for name, value in coefficients.items():
             self.register_buffer(name, value.float(), persistent=False)
+        # The same float32 values as Python numbers, for the samplers' steps, where the whole
+        # batch is at one timestep: a number costs no indexing and no kernel.
+        self.numbers = {name: value.float().tolist() for name, value in coefficients.items()}
         # The timestep the model sees at each step of this schedule: 0..T-1, or a subset of the
         # training timesteps for a respaced schedule.
         if timesteps is None:
             timesteps = torch.arange(self.T)
         self.register_buffer("timesteps", timesteps.long(), persistent=False)
 
-    @staticmethod
-    def _at(coefficient: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """coefficient[t], shaped (B, 1, 1, ...) to broadcast against x."""
-        return coefficient[t].reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+    def _at(self, name: str, t: torch.Tensor | int, x: torch.Tensor) -> torch.Tensor | float:
+        """The coefficient `name` at t: for a (B,) tensor, shaped (B, 1, 1, ...) to broadcast
+        against x; for an int (one timestep for the whole batch), a Python number."""
+        if isinstance(t, int):
+            return self.numbers[name][t]
+        return getattr(self, name)[t].reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise (Ho et al. eq. 4)."""
-        return (self._at(self.sqrt_alpha_bars, t, x0) * x0
-                + self._at(self.sqrt_one_minus_alpha_bars, t, x0) * noise)
+        return combine(self._at("sqrt_alpha_bars", t, x0), x0,
+                       self._at("sqrt_one_minus_alpha_bars", t, x0), noise)
 
     def q_sample_iterative(self, x0: torch.Tensor, t: torch.Tensor,
                            generator: torch.Generator | None = None) -> torch.Tensor:
@@ -89,16 +103,15 @@ class NoiseSchedule(nn.Module):
         x = x0.clone()
         for s in range(int(t.max()) + 1):
             eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            stepped = self._at(self.alphas.sqrt(), torch.full_like(t, s), x) * x \
-                + self._at(self.betas.sqrt(), torch.full_like(t, s), x) * eps
+            stepped = math.sqrt(self.numbers["alphas"][s]) * x + math.sqrt(self.numbers["betas"][s]) * eps
             active = (t >= s).reshape(-1, *([1] * (x.dim() - 1)))
             x = torch.where(active, stepped, x)
         return x
 
     def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """Invert q_sample for x0 given the noise. Never clips: the sampler decides that."""
-        return (x_t - self._at(self.sqrt_one_minus_alpha_bars, t, x_t) * eps) \
-            / self._at(self.sqrt_alpha_bars, t, x_t)
+        a, s = self._at("sqrt_alpha_bars", t, x_t), self._at("sqrt_one_minus_alpha_bars", t, x_t)
+        return combine(1 / a, x_t, -s / a, eps)
 
     def target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, prediction: str
                ) -> torch.Tensor:
@@ -108,8 +121,8 @@ class NoiseSchedule(nn.Module):
         if prediction == "x0":
             return x0
         if prediction == "v":
-            return self._at(self.sqrt_alpha_bars, t, x0) * noise \
-                - self._at(self.sqrt_one_minus_alpha_bars, t, x0) * x0
+            return combine(self._at("sqrt_alpha_bars", t, x0), noise,
+                           -self._at("sqrt_one_minus_alpha_bars", t, x0), x0)
         raise ValueError(f"prediction={prediction!r} is unknown; choose one of: {', '.join(PREDICTIONS)}")
 
     def eps_and_x0(self, x_t: torch.Tensor, t: torch.Tensor, output: torch.Tensor, prediction: str
@@ -117,18 +130,18 @@ class NoiseSchedule(nn.Module):
         """(eps, x0) implied by a model's output of the given `prediction` kind at x_t. Unclipped."""
         if prediction == "eps":
             return output, self.predict_x0(x_t, t, output)
-        a, s = self._at(self.sqrt_alpha_bars, t, x_t), self._at(self.sqrt_one_minus_alpha_bars, t, x_t)
+        a, s = self._at("sqrt_alpha_bars", t, x_t), self._at("sqrt_one_minus_alpha_bars", t, x_t)
         if prediction == "x0":
-            return (x_t - a * output) / s, output
+            return combine(1 / s, x_t, -a / s, output), output
         if prediction == "v":  # x_t = a x0 + s eps and v = a eps - s x0, with a^2 + s^2 = 1
-            return s * x_t + a * output, a * x_t - s * output
+            return combine(s, x_t, a, output), combine(a, x_t, -s, output)
         raise ValueError(f"prediction={prediction!r} is unknown; choose one of: {', '.join(PREDICTIONS)}")
 
     def posterior_mean_variance(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         """(mean, variance) of q(x_{t-1} | x_t, x0), Ho et al. eq. 7. The variance is 0 at t = 0."""
-        mean = (self._at(self.posterior_mean_x0_coef, t, x_t) * x0
-                + self._at(self.posterior_mean_xt_coef, t, x_t) * x_t)
-        return mean, self._at(self.posterior_variance, t, x_t)
+        mean = combine(self._at("posterior_mean_x0_coef", t, x_t), x0,
+                       self._at("posterior_mean_xt_coef", t, x_t), x_t)
+        return mean, self._at("posterior_variance", t, x_t)
 
     def respaced(self, steps: int) -> "NoiseSchedule":
         """A schedule over `steps` of the T training timesteps, evenly spaced from 0 to T-1, whose

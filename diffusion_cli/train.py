@@ -11,25 +11,28 @@ import logging
 import math
 import random
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from . import checkpoint, plots
+from . import checkpoint, plots, runtime
 from .atomic import atomic_write
 from .cli import console_script, run_task
-from .config import resolve_device, to_plain, validate
+from .config import to_plain, validate
 from .data import Split, load_data
 from .ema import EMA
 from .errors import UserError
 from .images import save_grid, to_unit
 from .metrics import QUALITY_KEYS, sample_quality
 from .models import build_model, eval_mode, image_shape
+from .runtime import autocast, channels_last, compiled, resolve_device, use_channels_last
 from .sampling import class_rows, sample_images
 from .schedule import NoiseSchedule
 from .stopping import GracefulStop, Stopped
@@ -87,7 +90,7 @@ class Evaluator:
         self.schedule = schedule
         self.batch_size = batch_size
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def loss(self, model) -> tuple[float, list[float]]:
         """(mean loss, mean loss in each of LOSS_BUCKETS equal ranges of t)."""
         device = self.schedule.betas.device
@@ -109,7 +112,7 @@ class Evaluator:
         return errors.mean().item(), by_t
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def reconstructions(model, schedule: NoiseSchedule, data: Split, seed: int) -> torch.Tensor:
     """Rows: the clean images, then for each t in RECONSTRUCTION_TIMES x_t and the model's x0
     estimate (clipped to [-1, 1]). Returns the rows stacked, in [-1, 1]."""
@@ -186,92 +189,140 @@ def keep_metrics_until(path: Path, step: int) -> None:
         file.write("".join(kept))
 
 
+class TrainStep:
+    """One optimizer step on a batch drawn by index from the in-memory training set on the device,
+    without a single host sync: a step with a non-finite loss or gradient is skipped on the device
+    (fused AdamW's found_inf; GradScaler's under fp16) and counted in `stats`, which the loop
+    reads only at log and checkpoint steps. train()'s loop and diffusion-bench both call it."""
+
+    def __init__(self, cfg: DictConfig, device: torch.device, train_data: Split):
+        tc = self.tc = cfg.trainer
+        torch.manual_seed(tc.seed)  # model initialisation: the same on every rank
+        self.device = device
+        self.model = use_channels_last(build_model(cfg.model, cfg.data).to(device))
+        self.images = channels_last(self.model, train_data.images.to(device))
+        self.labels = train_data.labels.to(device) if self.model.num_classes else None
+        self.schedule = NoiseSchedule.from_config(cfg.schedule).to(device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.lr,
+                                           weight_decay=tc.weight_decay, fused=True)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
+        self.ema = EMA(self.model, tc.ema_decay) if tc.ema_decay > 0 else None
+        # The training stream: batch indices, timesteps, noise, label dropout; seed + rank under
+        # torchrun. Evaluation and grids use fixed-seed generators of their own.
+        self.generator = torch.Generator(device).manual_seed(tc.seed + runtime.rank())
+        example = (self.images[:2], torch.zeros(2, dtype=torch.long, device=device),
+                   None if self.labels is None else self.labels[:2])
+        network = self.model
+        if runtime.world_size() > 1:
+            network = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+            network.prediction, network.num_classes = self.model.prediction, self.model.num_classes
+        self.network = compiled(network, tc.compile, example, "trainer.compile")
+        # Sum of the losses of applied steps, applied steps, skipped steps, first skipped step.
+        self.stats = torch.zeros(4, device=device)
+
+    def __call__(self, step: int) -> None:
+        tc = self.tc
+        lr = learning_rate(step, tc)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        index = torch.randint(0, len(self.images), (tc.batch_size,), generator=self.generator, device=self.device)
+        with autocast(self.device, tc.precision):
+            loss = training_loss(self.network, self.schedule, self.images[index], self.generator,
+                                 labels=None if self.labels is None else self.labels[index],
+                                 cond_drop_prob=tc.cond_drop_prob, loss_weighting=tc.loss_weighting)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.scaler.is_enabled():  # fp16: the scaler skips steps whose gradients overflowed
+            bad = ~torch.isfinite(loss)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf"))
+            bad = ~torch.isfinite(loss.detach() + grad_norm)
+            self.optimizer.found_inf = bad.float()  # fused AdamW leaves the weights as they were
+            self.optimizer.step()
+        if self.ema:
+            self.ema.update(self.model, step, weight=(~bad).float())
+        loss_sum, applied, skipped, first = self.stats.unbind()
+        loss_sum.add_(torch.where(bad, 0.0, loss.detach().float()))
+        applied.add_((~bad).float())
+        first.copy_(torch.where(bad & (skipped == 0), float(step), first))
+        skipped.add_(bad.float())
+
+    def read_stats(self, reset_loss: bool) -> tuple[float, int, int]:
+        """(mean loss of the applied steps since the last reset, over all ranks; skipped steps in
+        the whole run; the first skipped step). A host sync: the loop calls it at log and
+        checkpoint steps only. Every rank holds the same skip counts (the gradients are
+        all-reduced), so the sums over ranks are divided back."""
+        loss_sum, applied, skipped, first = runtime.all_reduce_sum(self.stats.clone()).tolist()
+        if reset_loss:
+            self.stats[:2].zero_()
+        world = runtime.world_size()
+        return loss_sum / applied if applied else float("nan"), round(skipped / world), round(first / world)
+
+
 def train(cfg: DictConfig, run_dir: Path) -> dict:
-    """Train as `cfg` says, writing everything into run_dir; returns the final metrics."""
+    """Train as `cfg` says, writing everything into run_dir; returns the final metrics. Under
+    torchrun every rank trains; rank 0 alone evaluates and writes."""
     state = None
     if cfg.get("resume") is not None:
         overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
         cfg, state = resumed_config(cfg, overrides)
     tc = cfg.trainer
+    main_rank = runtime.is_main()
     device = resolve_device(tc.device, key="trainer.device")
-    log.info(f"run dir: {run_dir}  (device {device})")
+    log.info(f"run dir: {run_dir}  (device {device}"
+             + (f", {runtime.world_size()} processes" if runtime.world_size() > 1 else "") + ")")
     started = time.perf_counter()
 
-    torch.manual_seed(tc.seed)  # model initialisation
     random.seed(tc.seed)
     train_data, eval_data = load_data(cfg.data)
-    # In memory: batches are drawn by index on the device.
-    train_images = train_data.images.to(device)
-    model = build_model(cfg.model, cfg.data).to(device)
-    train_labels = train_data.labels.to(device) if model.num_classes else None
-    schedule = NoiseSchedule.from_config(cfg.schedule).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    ema = EMA(model, tc.ema_decay) if tc.ema_decay > 0 else None
+    trainer = TrainStep(cfg, device, train_data)
+    model, ema, schedule = trainer.model, trainer.ema, trainer.schedule
     sampling_model = ema.model if ema else model  # what evaluation, grids and quality look at
-    # The training stream: batch indices, timesteps, noise, label dropout. Evaluation and grids
-    # use their own fixed-seed generators, so they never shift it.
-    generator = torch.Generator(device).manual_seed(tc.seed)
     start_step = 0
     if state is not None:
-        start_step = restore(state, model, ema, optimizer, generator)
-        keep_metrics_until(run_dir / "metrics.jsonl", start_step)
+        start_step = restore(state, trainer)
+        if main_rank:
+            keep_metrics_until(run_dir / "metrics.jsonl", start_step)
         log.info(f"resuming {cfg.resume} from step {start_step}")
     evaluator = Evaluator(eval_data.head(tc.num_eval_images), schedule, tc.batch_size, tc.seed)
     log.info(f"model {cfg.model.kind}: {sum(p.numel() for p in model.parameters()):,} parameters; "
-             f"{len(train_images):,} training images of shape {tuple(train_images.shape[1:])}")
+             f"{len(trainer.images):,} training images of shape {tuple(trainer.images.shape[1:])}")
 
-    metrics_file = open(run_dir / "metrics.jsonl", "a")
-    result, nonfinite_steps = {}, 0
-    running_loss, logged_step, interval_start = torch.zeros((), device=device), start_step, time.perf_counter()
-    progress = tqdm(total=tc.max_steps, initial=start_step, desc="training", unit="step", dynamic_ncols=True)
+    metrics_file = open(run_dir / "metrics.jsonl", "a") if main_rank else nullcontext()
+    result, skipped_logged = {}, 0
+    logged_step, interval_start = start_step, time.perf_counter()
+    progress = tqdm(total=tc.max_steps, initial=start_step, desc="training", unit="step",
+                    dynamic_ncols=True, disable=not main_rank)
     with logging_redirect_tqdm(), metrics_file, progress, GracefulStop() as stop:
         for step in range(start_step + 1, tc.max_steps + 1):
-            lr = learning_rate(step, tc)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            index = torch.randint(0, len(train_images), (tc.batch_size,), generator=generator, device=device)
-            loss = training_loss(model, schedule, train_images[index], generator,
-                                 labels=train_labels[index] if train_labels is not None else None,
-                                 cond_drop_prob=tc.cond_drop_prob, loss_weighting=tc.loss_weighting)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
-            if not torch.isfinite(loss + grad_norm):  # one host sync per step
-                nonfinite_steps += 1
-                check_nonfinite(step, loss, nonfinite_steps, cfg, run_dir)
-                log.warning(f"step {step}: non-finite loss or gradient, update skipped "
-                            f"({nonfinite_steps} of trainer.max_nonfinite_skips={tc.max_nonfinite_skips})")
-            else:
-                optimizer.step()
-                if ema:
-                    ema.update(model, step)
-                running_loss += loss.detach()
+            trainer(step)
             progress.update()
 
             record = {}
+            checkpoint_due = due(step, tc.checkpoint_every, tc.max_steps) or stop.requested
+            if due(step, tc.log_every, tc.max_steps) or checkpoint_due:
+                # The loop's only host sync.
+                loss, skipped, first_skipped = trainer.read_stats(reset_loss=due(step, tc.log_every, tc.max_steps))
+                if skipped > skipped_logged:
+                    check_nonfinite(first_skipped, skipped, cfg, run_dir)
+                    log.warning(f"step {step}: {skipped - skipped_logged} more non-finite loss or "
+                                f"gradient, update skipped ({skipped} of "
+                                f"trainer.max_nonfinite_skips={tc.max_nonfinite_skips})")
+                    skipped_logged = skipped
             if due(step, tc.log_every, tc.max_steps):
                 steps_done, elapsed = step - logged_step, time.perf_counter() - interval_start
-                record.update(loss=running_loss.item() / steps_done, lr=lr,
-                              images_per_s=steps_done * tc.batch_size / elapsed)
-                running_loss.zero_()
+                record.update(loss=loss, lr=learning_rate(step, tc),
+                              images_per_s=steps_done * tc.batch_size * runtime.world_size() / elapsed)
                 logged_step, interval_start = step, time.perf_counter()
-                progress.set_postfix(loss=f"{record['loss']:.4f}")
+                progress.set_postfix(loss=f"{loss:.4f}")
             work_started = time.perf_counter()
-            if due(step, tc.eval_every, tc.max_steps):
-                record["eval_loss"], record["eval_loss_by_t"] = evaluator.loss(sampling_model)
-            if due(step, tc.sample_every, tc.max_steps):
-                write_grids(sampling_model, schedule, cfg, step, run_dir, eval_data)
-            if tc.num_quality_images and due(step, tc.quality_every, tc.max_steps):
-                record.update(quality(sampling_model, schedule, cfg))
-            if record:
-                metrics_file.write(json.dumps({"step": step, **record}) + "\n")
-                metrics_file.flush()
-                result.update((key, value) for key, value in record.items()
-                              if isinstance(value, float) and key != "lr")
-            if "eval_loss" in record:
-                plots.training_curves(run_dir)
-            if due(step, tc.checkpoint_every, tc.max_steps) or stop.requested:
-                save_checkpoint(model, ema, optimizer, generator, cfg, step, run_dir)
+            if main_rank:
+                periodic_work(record, step, sampling_model, schedule, evaluator, cfg, run_dir,
+                              eval_data, metrics_file, result)
+            if checkpoint_due:
+                save_checkpoint(trainer, cfg, step, run_dir)
             if stop.requested:
                 raise Stopped(f"{stop.requested} at step {step}; saved "
                               f"{run_dir / 'checkpoints' / 'last.pt'}. Resume with: "
@@ -279,8 +330,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                               exit_code=130 if stop.requested == "SIGINT" else 143)
             interval_start += time.perf_counter() - work_started  # images/s counts training only
 
-    plots.denoising(sampling_model, schedule, cfg, run_dir / "denoising.png")
     result.update(steps=tc.max_steps, wall_s=time.perf_counter() - started)
+    if not main_rank:
+        return result
+    plots.denoising(sampling_model, schedule, cfg, run_dir / "denoising.png")
     last = f"samples/step_{tc.max_steps:07d}.png"
     log.info(f"wrote {run_dir}: checkpoints/last.pt, {last}, metrics.jsonl, loss.png, "
              f"loss_by_t.png, denoising.png (loss {result['loss']:.4f}, eval_loss "
@@ -291,27 +344,55 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     return result
 
 
-def check_nonfinite(step: int, loss: torch.Tensor, count: int, cfg: DictConfig, run_dir: Path) -> None:
+def periodic_work(record: dict, step: int, sampling_model, schedule, evaluator, cfg, run_dir: Path,
+                  eval_data: Split, metrics_file, result: dict) -> None:
+    """Rank 0's work at its intervals: the eval loss, grids, quality metrics, metrics.jsonl."""
+    tc = cfg.trainer
+    with autocast(schedule.betas.device, tc.precision):
+        if due(step, tc.eval_every, tc.max_steps):
+            record["eval_loss"], record["eval_loss_by_t"] = evaluator.loss(sampling_model)
+        if due(step, tc.sample_every, tc.max_steps):
+            write_grids(sampling_model, schedule, cfg, step, run_dir, eval_data)
+        if tc.num_quality_images and due(step, tc.quality_every, tc.max_steps):
+            record.update(quality(sampling_model, schedule, cfg))
+    if record:
+        metrics_file.write(json.dumps({"step": step, **record}) + "\n")
+        metrics_file.flush()
+        result.update((key, value) for key, value in record.items()
+                      if isinstance(value, float) and key != "lr")
+    if "eval_loss" in record:
+        plots.training_curves(run_dir)
+
+
+def check_nonfinite(step: int, count: int, cfg: DictConfig, run_dir: Path) -> None:
     """Stop the run on a non-finite loss or gradient once more than max_nonfinite_skips were seen.
-    Nothing is saved: checkpoints/last.pt keeps the last good state."""
+    Nothing is saved: the skipped updates never reached the weights, and checkpoints/last.pt keeps
+    the last state saved before."""
     if count <= cfg.trainer.max_nonfinite_skips:
         return
     last = run_dir / "checkpoints" / "last.pt"
     kept = f"{last} (step {checkpoint.read(last)['step']}) is the last good state" if last.exists() \
         else "no checkpoint was written yet"
-    raise UserError(f"non-finite loss or gradient at step {step} (loss {loss.item()}): the learning "
+    raise UserError(f"non-finite loss or gradient at step {step}: the learning "
                     f"rate may be too high (trainer.lr={cfg.trainer.lr}) or the numbers overflowed "
                     f"(fp16); {kept}. Lower trainer.lr and resume, or allow "
                     f"trainer.max_nonfinite_skips=N skipped steps")
 
 
-def restore(state: dict, model, ema: EMA | None, optimizer, generator) -> int:
-    """Load a checkpoint's model, EMA, optimizer and random streams; returns its step."""
-    model.load_state_dict(state["model"])
-    if ema:
-        ema.model.load_state_dict(state.get("ema", state["model"]))
-    optimizer.load_state_dict(state["optimizer"])
-    generator.set_state(state["rng"]["train"])
+def restore(state: dict, trainer: TrainStep) -> int:
+    """Load a checkpoint's model, EMA, optimizer and random streams into `trainer`; returns its step."""
+    saved_world = len(state["rng"].get("train_ranks", [None]))
+    if saved_world != runtime.world_size():
+        raise UserError(f"this run trained on {saved_world} process(es), not {runtime.world_size()}: "
+                        f"resume it with torchrun --nproc-per-node {saved_world}, so every rank "
+                        f"continues its own random stream")
+    trainer.model.load_state_dict(state["model"])
+    if trainer.ema:
+        trainer.ema.model.load_state_dict(state.get("ema", state["model"]))
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    if "scaler" in state:
+        trainer.scaler.load_state_dict(state["scaler"])
+    trainer.generator.set_state(state["rng"].get("train_ranks", [state["rng"]["train"]])[runtime.rank()])
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
@@ -350,21 +431,29 @@ def quality(model, schedule: NoiseSchedule, cfg: DictConfig) -> dict:
     return sample_quality(images, cfg.data, labels)
 
 
-def save_checkpoint(model, ema: EMA | None, optimizer, generator, cfg, step: int, run_dir: Path) -> None:
-    """checkpoints/step_N.pt, keeping the last `keep_checkpoints`, and last.pt."""
+def save_checkpoint(trainer: TrainStep, cfg, step: int, run_dir: Path) -> None:
+    """checkpoints/step_N.pt, keeping the last `keep_checkpoints`, and last.pt. Every rank calls
+    it (the random streams of all ranks are gathered); rank 0 writes."""
+    rng = {"torch": torch.get_rng_state(), "train": trainer.generator.get_state(),
+           "python": random.getstate()}
+    if runtime.world_size() > 1:
+        rng["train_ranks"] = runtime.gather(trainer.generator.get_state())
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    if not runtime.is_main():
+        return
     state = {
         "format_version": checkpoint.FORMAT_VERSION,
         "step": step,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": trainer.model.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(),
         "config": to_plain(cfg),
-        "rng": {"torch": torch.get_rng_state(), "train": generator.get_state(),
-                "python": random.getstate()},
+        "rng": rng,
     }
-    if ema:
-        state["ema"] = ema.model.state_dict()
-    if torch.cuda.is_available():
-        state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+    if trainer.ema:
+        state["ema"] = trainer.ema.model.state_dict()
+    if trainer.scaler.is_enabled():
+        state["scaler"] = trainer.scaler.state_dict()
     directory = run_dir / "checkpoints"
     for stale in directory.glob(".*.tmp"):  # left by a process killed while writing
         stale.unlink()

@@ -1,0 +1,123 @@
+"""Where and how the numbers are computed: the device, mixed precision, torch.compile, and the
+process group of a torchrun launch. The same commands run on a CPU, one GPU or several."""
+
+import logging
+import os
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str, key: str = "device") -> torch.device:
+    """`auto` is CUDA when available, else the CPU; an explicit device must exist. Under torchrun
+    each process takes the GPU of its LOCAL_RANK."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"{key}={name} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{key}={name} but this machine has no usable CUDA GPU: use {key}=auto or cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank())
+    return device
+
+
+def autocast(device: torch.device, precision: str):
+    """Mixed precision for the model's forward pass: fp32 (off), bf16 or fp16."""
+    if PRECISIONS[precision] is None:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=PRECISIONS[precision])
+
+
+def channels_last(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Convolutional models run faster with NHWC tensors (CPU and GPU); x is returned in the
+    model's memory format."""
+    if x.dim() == 4 and any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def use_channels_last(model: nn.Module) -> nn.Module:
+    if any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def compiled(model: nn.Module, enabled: bool, example: tuple, key: str) -> nn.Module:
+    """torch.compile(model) when enabled, tried once on `example` inputs: where compiling can't
+    work here (no C compiler, an unsupported Python or platform) a one-line warning, and the
+    model runs uncompiled. The weights stay shared with `model`."""
+    if not enabled:
+        return model
+    network = torch.compile(model)
+    try:
+        with torch.inference_mode():
+            network(*example)
+    except Exception as error:  # Dynamo/Inductor raise many kinds; any of them means "can't"
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        log.warning(f"{key}=true: torch.compile does not work here ({reason[:200]}); running "
+                    f"without it. Set {key}=false to skip this attempt")
+        return model
+    return network
+
+
+# torchrun sets these for every process it starts.
+def rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init_distributed() -> None:
+    """Join torchrun's process group (gloo for CPU tensors, NCCL for CUDA ones): once, and only
+    when started by torchrun with more than one process."""
+    if world_size() > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank())
+            dist.init_process_group("cpu:gloo,cuda:nccl")
+        else:
+            dist.init_process_group("gloo")
+
+
+def broadcast(value):
+    """Rank 0's value of a picklable object, on every rank."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(value) -> list:
+    """Every rank's value, in rank order, on every rank."""
+    if not dist.is_initialized():
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor

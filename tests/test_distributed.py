@@ -1,0 +1,49 @@
+"""DDP through torchrun: two CPU processes on the gloo backend, tiny."""
+
+import subprocess
+
+import torch
+
+from conftest import TINY_TRAIN, script
+
+
+def torchrun(*args: str, cwd, resume: bool = False) -> subprocess.CompletedProcess:
+    """torchrun ... -m diffusion_cli.train with the tiny settings (a resumed run has its own)."""
+    command = [script("torchrun"), "--nproc-per-node", "2", "-m", "diffusion_cli.train",
+               *([] if resume else TINY_TRAIN), *args]
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def test_two_processes_share_one_run_dir_and_resume_exactly(tmp_path):
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    torchrun(cwd=straight)  # no hydra.run.dir: each rank would resolve its own ${now:...}
+    run_dirs = list((straight / "outputs").glob("*/*"))
+    assert len(run_dirs) == 1, run_dirs
+    run_dir = run_dirs[0]
+    assert {p.name for p in run_dir.iterdir()} >= {"checkpoints", "samples", "metrics.jsonl", "result.json",
+                                                    "train.log", "train_rank1.log", ".hydra"}
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert state["step"] == 6 and len(state["rng"]["train_ranks"]) == 2
+    assert not torch.equal(*state["rng"]["train_ranks"])  # each rank has its own stream
+    steps = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == 4  # logged at steps 2, 3 (eval), 4, 6 by rank 0 alone
+
+    # Stop at step 3, resume to 6 on two processes again: the same weights as the straight run.
+    split = tmp_path / "split" / "run"
+    torchrun("trainer.max_steps=3", f"hydra.run.dir={split}", cwd=tmp_path)
+    torchrun(f"resume={split}", "trainer.max_steps=6", cwd=tmp_path, resume=True)
+    resumed = torch.load(split / "checkpoints" / "last.pt", weights_only=True)
+    for key, value in state["model"].items():
+        torch.testing.assert_close(resumed["model"][key], value, rtol=0, atol=0)
+
+
+def test_a_resume_on_another_number_of_processes_is_refused(tmp_path):
+    run_dir = tmp_path / "run"
+    torchrun("trainer.max_steps=3", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    result = subprocess.run([script("diffusion-train"), f"resume={run_dir}", "trainer.max_steps=6"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2 and "torchrun --nproc-per-node 2" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
