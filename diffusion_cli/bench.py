@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 from .data import Split
 from .errors import UserError
-from .runtime import resolve_device, use_channels_last
+from .runtime import PRECISIONS, autocast, resolve_device, use_channels_last
 from .sampling import sample
 from .schedule import NoiseSchedule
 
@@ -85,7 +85,7 @@ def train_config(model: str, device: torch.device, overrides: list[str] = ()):
                                            f"trainer.batch_size={BATCH}", *overrides])
 
 
-def bench_train(device: torch.device, repeats: int, steps: int, models: list[str]) -> str:
+def bench_train(device: torch.device, repeats: int, steps: int, models: list[str], precision: str) -> str:
     """images/s of diffusion-train's TrainStep (data drawn by index, label-free MNIST shape, EMA,
     loss and skip statistics on the device) against a bare loop over the same model and batch
     size: q_sample, forward, MSE, backward, AdamW step, nothing else."""
@@ -93,7 +93,7 @@ def bench_train(device: torch.device, repeats: int, steps: int, models: list[str
 
     rows = []
     for kind in models:
-        cfg = train_config(kind, device)
+        cfg = train_config(kind, device, [f"trainer.precision={precision}"])
         images = torch.rand(4096, 1, 28, 28) * 2 - 1
         step = TrainStep(cfg, device, Split(images, torch.zeros(4096, dtype=torch.long)))
         model, schedule = step.model, step.schedule
@@ -106,7 +106,8 @@ def bench_train(device: torch.device, repeats: int, steps: int, models: list[str
             for _ in range(steps):
                 t = torch.randint(0, schedule.T, (BATCH,), generator=generator, device=device)
                 noise = torch.randn(x0.shape, generator=generator, device=device)
-                loss = F.mse_loss(model(schedule.q_sample(x0, t, noise), t), noise)
+                with autocast(device, precision):
+                    loss = F.mse_loss(model(schedule.q_sample(x0, t, noise), t), noise)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -263,21 +264,22 @@ def model_variants() -> dict[str, Callable[[], nn.Module]]:
     return variants
 
 
-def training_step(model: nn.Module, device: torch.device):
+def training_step(model: nn.Module, device: torch.device, precision: str = "fp32"):
     """A forward, MSE, backward and AdamW step at batch BATCH (fixed inputs: speed only)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x = torch.randn(BATCH, 1, 28, 28, device=device)
     t = torch.randint(0, 1000, (BATCH,), device=device)
 
     def step():
-        loss = F.mse_loss(model(x, t), x)
+        with autocast(device, precision):
+            loss = F.mse_loss(model(x, t), x)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
     return step
 
 
-def peak_memory_mib(name: str, device_name: str) -> float:
+def peak_memory_mib(name: str, device_name: str, precision: str) -> float:
     """Peak memory of BATCH training steps of one variant: CUDA's allocator peak on a GPU; on the
     CPU, the growth of a fresh process's peak resident memory (other variants' buffers would
     hide it in this one; Linux only)."""
@@ -285,18 +287,18 @@ def peak_memory_mib(name: str, device_name: str) -> float:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-        step = training_step(model_variants()[name]().to(device), device)
+        step = training_step(model_variants()[name]().to(device), device, precision)
         step()
         step()
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_child_peak_rss_mib, (name,))
+        return pool.apply(_child_peak_rss_mib, (name, precision))
 
 
-def _child_peak_rss_mib(name: str) -> float:
+def _child_peak_rss_mib(name: str, precision: str) -> float:
     """Linux: reset the peak RSS (VmHWM) once the model is built, then read how far two training
     steps raise it above the RSS before them."""
-    step = training_step(model_variants()[name](), torch.device("cpu"))
+    step = training_step(model_variants()[name](), torch.device("cpu"), precision)
     before = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as file:
         file.write("5")
@@ -310,27 +312,28 @@ def _status_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in file if line.startswith(field + ":"))
 
 
-def bench_model(device: torch.device, repeats: int, steps: int) -> str:
+def bench_model(device: torch.device, repeats: int, steps: int, precision: str) -> str:
     """Training and inference images/s at batch BATCH and training peak memory of every variant."""
     variants = {name: build().to(device) for name, build in model_variants().items()}
     arms, x = {}, torch.randn(BATCH, 1, 28, 28, device=device)
     t = torch.randint(0, 1000, (BATCH,), device=device)
     for name, model in variants.items():
-        train_step = training_step(model, device)
+        train_step = training_step(model, device, precision)
         arms[(name, "train")] = lambda step=train_step: [step() for _ in range(steps)]
-        arms[(name, "forward")] = lambda model=model: [_forward(model, x, t) for _ in range(steps)]
+        arms[(name, "forward")] = lambda model=model: [_forward(model, x, t, precision) for _ in range(steps)]
     seconds = interleaved(arms, repeats, device)
     rows = []
     for name, model in variants.items():
         train, forward = ([steps * BATCH / s for s in seconds[(name, arm)]] for arm in ("train", "forward"))
         rows.append([name, f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M", spread(train),
-                     spread(forward), f"{peak_memory_mib(name, str(device)):.0f}"])
+                     spread(forward), f"{peak_memory_mib(name, str(device), precision):.0f}"])
     return table(["model", "parameters", "train img/s", "forward img/s", "train peak MiB"], rows)
 
 
 @torch.inference_mode()
-def _forward(model, x, t):
-    return model(x, t)
+def _forward(model, x, t, precision):
+    with autocast(x.device, precision):
+        return model(x, t)
 
 
 TABLES = ("train", "sample", "model")
@@ -344,6 +347,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     parser.add_argument("--repeats", type=int, default=7, help="repetitions per arm (default 7)")
     parser.add_argument("--steps", type=int, default=10, help="training steps per repetition (default 10)")
+    parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
+                        help="autocast of the train and model tables' forward passes (default fp32)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny counts, numbers meaningless")
     args = parser.parse_args(argv)
     try:
@@ -354,11 +359,11 @@ def main(argv: list[str] | None = None) -> None:
     if set(tables) - set(TABLES):
         parser.error(f"unknown table {sorted(set(tables) - set(TABLES))[0]!r}: choose from {', '.join(TABLES)}")
     repeats, steps = (1, 1) if args.quick else (args.repeats, args.steps)
-    print(describe(device, repeats))
+    print(describe(device, repeats) + f", precision {args.precision}")
     if "train" in tables:
         models = ["resunet"] if args.quick else ["resunet", "unet"]
         print(f"\n## train: images/s at batch {BATCH}, {steps} steps per repetition\n")
-        print(bench_train(device, repeats, steps, models))
+        print(bench_train(device, repeats, steps, models, args.precision))
     if "sample" in tables:
         T, ddim_steps = (20, 5) if args.quick else (1000, 50)
         print(f"\n## sample: a trivial model (x * 0.1), batch {'x'.join(map(str, SAMPLE_SHAPE))}, "
@@ -366,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
         print(bench_sample(device, repeats, ddim_steps, T))
     if "model" in tables:
         print(f"\n## model: MNIST 1x28x28 at batch {BATCH}, {steps} steps per repetition\n")
-        print(bench_model(device, repeats, steps))
+        print(bench_model(device, repeats, steps, args.precision))
 
 
 if __name__ == "__main__":

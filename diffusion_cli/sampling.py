@@ -66,7 +66,7 @@ def ddpm(denoise: Denoiser, schedule: NoiseSchedule, x: torch.Tensor, *, predict
     """Ancestral sampling from x = x_T over every step of `schedule` (respaced or not)."""
     trajectory = [x]
     for i in tqdm(range(schedule.T - 1, -1, -1), desc="sampling", disable=not progress, leave=False):
-        output = denoise(x, schedule.timesteps[i].expand(x.shape[0]))
+        output = denoise(x, schedule.timesteps[i].expand(x.shape[0])).to(x.dtype)  # fp32 under autocast
         noise = randn(x.shape, generator, x.device) if i > 0 else None
         x = ddpm_step(schedule, output, i, x, noise, clip_x0, prediction)
         if return_all_steps:
@@ -106,7 +106,7 @@ def ddim(denoise: Denoiser, schedule: NoiseSchedule, x: torch.Tensor, *, steps: 
     trajectory = [x]
     for k, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):
         t_prev = timesteps[k + 1] if k + 1 < len(timesteps) else -1
-        output = denoise(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
+        output = denoise(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)).to(x.dtype)
         noise = randn(x.shape, generator, x.device) if eta > 0 and t_prev >= 0 else None
         x = ddim_step(schedule, output, t, t_prev, x, eta, noise, clip_x0, prediction)
         if return_all_steps:

@@ -249,16 +249,19 @@ class TrainStep:
         first.copy_(torch.where(bad & (skipped == 0), float(step), first))
         skipped.add_(bad.float())
 
-    def read_stats(self, reset_loss: bool) -> tuple[float, int, int]:
+    def read_stats(self, reset_loss: bool, stop_requested: bool = False) -> tuple[float, int, int, bool]:
         """(mean loss of the applied steps since the last reset, over all ranks; skipped steps in
-        the whole run; the first skipped step). A host sync: the loop calls it at log and
-        checkpoint steps only. Every rank holds the same skip counts (the gradients are
-        all-reduced), so the sums over ranks are divided back."""
-        loss_sum, applied, skipped, first = runtime.all_reduce_sum(self.stats.clone()).tolist()
+        the whole run; the first skipped step; whether any rank was asked to stop). A host sync
+        (and under torchrun a collective): the loop calls it at log and checkpoint steps only.
+        Every rank holds the same skip counts (the gradients are all-reduced): those sums over
+        ranks are divided back."""
+        totals = torch.cat([self.stats, torch.tensor([float(stop_requested)], device=self.device)])
+        loss_sum, applied, skipped, first, stops = runtime.all_reduce_sum(totals).tolist()
         if reset_loss:
             self.stats[:2].zero_()
         world = runtime.world_size()
-        return loss_sum / applied if applied else float("nan"), round(skipped / world), round(first / world)
+        return (loss_sum / applied if applied else float("nan"), round(skipped / world),
+                round(first / world), stops > 0)
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
@@ -301,10 +304,15 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             progress.update()
 
             record = {}
-            checkpoint_due = due(step, tc.checkpoint_every, tc.max_steps) or stop.requested
-            if due(step, tc.log_every, tc.max_steps) or checkpoint_due:
+            # A signal stops a single process at once; under torchrun the ranks agree at the next
+            # log or checkpoint step (they may see it at different steps).
+            stopping = bool(stop.requested) and runtime.world_size() == 1
+            checkpoint_due = due(step, tc.checkpoint_every, tc.max_steps)
+            if due(step, tc.log_every, tc.max_steps) or checkpoint_due or stopping:
                 # The loop's only host sync.
-                loss, skipped, first_skipped = trainer.read_stats(reset_loss=due(step, tc.log_every, tc.max_steps))
+                loss, skipped, first_skipped, stop_votes = trainer.read_stats(
+                    reset_loss=due(step, tc.log_every, tc.max_steps), stop_requested=bool(stop.requested))
+                stopping = stopping or stop_votes
                 if skipped > skipped_logged:
                     check_nonfinite(first_skipped, skipped, cfg, run_dir)
                     log.warning(f"step {step}: {skipped - skipped_logged} more non-finite loss or "
@@ -321,12 +329,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             if main_rank:
                 periodic_work(record, step, sampling_model, schedule, evaluator, cfg, run_dir,
                               eval_data, metrics_file, result)
-            if checkpoint_due:
+            if checkpoint_due or stopping:
                 save_checkpoint(trainer, cfg, step, run_dir)
-            if stop.requested:
-                raise Stopped(f"{stop.requested} at step {step}; saved "
-                              f"{run_dir / 'checkpoints' / 'last.pt'}. Resume with: "
-                              f"diffusion-train resume={run_dir}",
+            if stopping:
+                again = (f"torchrun --nproc-per-node {runtime.world_size()} -m diffusion_cli.train"
+                         if runtime.world_size() > 1 else "diffusion-train")
+                raise Stopped(f"{stop.requested or 'a stop signal to another rank'} at step {step}; "
+                              f"saved {run_dir / 'checkpoints' / 'last.pt'}. Resume with: "
+                              f"{again} resume={run_dir}",
                               exit_code=130 if stop.requested == "SIGINT" else 143)
             interval_start += time.perf_counter() - work_started  # images/s counts training only
 

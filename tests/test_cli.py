@@ -195,6 +195,9 @@ BAD_INPUT = [
     ("diffusion-train", ["trainer.loss_weighting=snr"], "trainer.loss_weighting"),
     ("diffusion-train", ["trainer.ema_decay=1"], "trainer.ema_decay"),
     ("diffusion-train", ["model=resunet", "model.channel_mults=[1,2,2,2,2,2]"], "divisible by 32"),
+    ("diffusion-train", ["trainer.precision=fp8"], "trainer.precision"),
+    ("diffusion-sample", ["ckpt=TRAINED", "precision=half"], "precision"),
+    ("diffusion-sample", ["ckpt=TRAINED", "compile=maybe"], "compile"),
 ]
 
 

@@ -37,8 +37,8 @@ def test_a_non_finite_step_is_skipped_on_the_device_and_counted():
     for key, value in step.ema.model.state_dict().items():
         assert torch.equal(value, ema[key]), key
     assert all(state["step"].item() == 1 for state in step.optimizer.state.values())
-    loss, skipped, first = step.read_stats(reset_loss=True)
-    assert (skipped, first) == (2, 2) and loss > 0  # the mean covers the one applied step
+    loss, skipped, first, stop = step.read_stats(reset_loss=True)
+    assert (skipped, first, stop) == (2, 2, False) and loss > 0  # the mean covers the one applied step
 
 
 def test_compile_falls_back_with_one_warning_where_it_cannot_work(monkeypatch, caplog):
@@ -91,6 +91,12 @@ def test_the_benchmark_prints_its_three_tables():
     assert "| DDPM | diffusers DDPMScheduler |" in out and "diffusers UNet2DModel" in out
 
 
-def test_the_benchmark_refuses_an_unknown_table():
-    result = subprocess.run([script("diffusion-bench"), "speed"], capture_output=True, text=True)
-    assert result.returncode == 2 and "unknown table 'speed'" in result.stderr
+@pytest.mark.parametrize("args, named", [
+    (["speed"], "unknown table 'speed'"),
+    pytest.param(["--device", "cuda"], "--device=cuda", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="this machine has a GPU")),
+    (["--precision", "fp8"], "--precision")])
+def test_the_benchmark_refuses_bad_input_in_one_line(args, named):
+    result = subprocess.run([script("diffusion-bench"), *args], capture_output=True, text=True)
+    assert result.returncode == 2 and named in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
