@@ -61,7 +61,7 @@ def compiled(model: nn.Module, enabled: bool, example: tuple, key: str) -> nn.Mo
         return model
     network = torch.compile(model)
     try:
-        with torch.inference_mode():
+        with torch.no_grad():  # no backward to owe: a DDP model would expect one
             network(*example)
     except Exception as error:  # Dynamo/Inductor raise many kinds; any of them means "can't"
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
