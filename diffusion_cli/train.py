@@ -149,7 +149,7 @@ def due(step: int, every: int, last_step: int) -> bool:
 RESUMABLE = ("trainer.max_steps", "trainer.device", "trainer.log_every", "trainer.eval_every",
              "trainer.sample_every", "trainer.checkpoint_every", "trainer.keep_checkpoints",
              "trainer.num_grid_images", "trainer.quality_every", "trainer.num_quality_images",
-             "trainer.max_nonfinite_skips", "sampler")
+             "trainer.max_nonfinite_skips", "trainer.precision", "trainer.compile", "sampler")
 
 
 def resumed_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, dict]:
@@ -213,9 +213,9 @@ class TrainStep:
         example = (self.images[:2], torch.zeros(2, dtype=torch.long, device=device),
                    None if self.labels is None else self.labels[:2])
         network = self.model
-        if runtime.world_size() > 1:
+        if runtime.world_size() > 1:  # gradients all-reduced in backward
             network = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
-            network.prediction, network.num_classes = self.model.prediction, self.model.num_classes
+            network.prediction, network.num_classes = self.model.prediction, self.model.num_classes  # what training_loss reads
         self.network = compiled(network, tc.compile, example, "trainer.compile")
         # Sum of the losses of applied steps, applied steps, skipped steps, first skipped step.
         self.stats = torch.zeros(4, device=device)
