@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from .data import Split
 from .errors import UserError
 from .runtime import PRECISIONS, autocast, resolve_device, use_channels_last
-from .sampling import sample
+from .sampling import ddim_timesteps, sample
 from .schedule import NoiseSchedule
 
 BATCH = 128           # training and model batch: the MNIST default
@@ -161,8 +161,6 @@ def floor_ddpm(model, schedule: NoiseSchedule, x: torch.Tensor, generator) -> to
 
 def floor_ddim(model, schedule: NoiseSchedule, x: torch.Tensor, steps: int) -> torch.Tensor:
     """The least a clipped-x0 DDIM step (eta 0, eps recomputed from the clipped x0) can do."""
-    from .sampling import ddim_timesteps
-
     ab = schedule.numbers["alpha_bars"]
     timesteps = ddim_timesteps(schedule.T, steps)
     for k, t in enumerate(timesteps):
