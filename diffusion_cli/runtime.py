@@ -39,16 +39,13 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=PRECISIONS[precision])
 
 
-def channels_last(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Convolutional models run faster with NHWC tensors (CPU and GPU); x is returned in the
-    model's memory format."""
-    if x.dim() == 4 and any(isinstance(m, nn.Conv2d) for m in model.modules()):
-        return x.contiguous(memory_format=torch.channels_last)
-    return x
+def convolutional(model: nn.Module) -> bool:
+    """Convolutional models run faster with NHWC (channels-last) tensors, on CPU and GPU."""
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
 def use_channels_last(model: nn.Module) -> nn.Module:
-    if any(isinstance(m, nn.Conv2d) for m in model.modules()):
+    if convolutional(model):
         model.to(memory_format=torch.channels_last)
     return model
 

@@ -32,7 +32,7 @@ from .errors import UserError
 from .images import save_grid, to_unit
 from .metrics import QUALITY_KEYS, sample_quality
 from .models import build_model, eval_mode, image_shape
-from .runtime import autocast, channels_last, compiled, resolve_device, use_channels_last
+from .runtime import autocast, compiled, convolutional, resolve_device, use_channels_last
 from .sampling import class_rows, sample_images
 from .schedule import NoiseSchedule
 from .stopping import GracefulStop, Stopped
@@ -200,7 +200,9 @@ class TrainStep:
         torch.manual_seed(tc.seed)  # model initialisation: the same on every rank
         self.device = device
         self.model = use_channels_last(build_model(cfg.model, cfg.data).to(device))
-        self.images = channels_last(self.model, train_data.images.to(device))
+        self.images = train_data.images.to(device)
+        if convolutional(self.model):
+            self.images = self.images.contiguous(memory_format=torch.channels_last)
         self.labels = train_data.labels.to(device) if self.model.num_classes else None
         self.schedule = NoiseSchedule.from_config(cfg.schedule).to(device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.lr,
@@ -253,15 +255,14 @@ class TrainStep:
         """(mean loss of the applied steps since the last reset, over all ranks; skipped steps in
         the whole run; the first skipped step; whether any rank was asked to stop). A host sync
         (and under torchrun a collective): the loop calls it at log and checkpoint steps only.
-        Every rank holds the same skip counts (the gradients are all-reduced): those sums over
-        ranks are divided back."""
-        totals = torch.cat([self.stats, torch.tensor([float(stop_requested)], device=self.device)])
-        loss_sum, applied, skipped, first, stops = runtime.all_reduce_sum(totals).tolist()
+        The skip counts need no reduction: the gradients are all-reduced, so every rank skips
+        the same steps."""
+        loss_sum, applied, skipped, first = self.stats.tolist()
+        shared = torch.tensor([loss_sum, applied, float(stop_requested)], device=self.device)
+        loss_sum, applied, stops = runtime.all_reduce_sum(shared).tolist()
         if reset_loss:
             self.stats[:2].zero_()
-        world = runtime.world_size()
-        return (loss_sum / applied if applied else float("nan"), round(skipped / world),
-                round(first / world), stops > 0)
+        return loss_sum / applied if applied else float("nan"), round(skipped), round(first), stops > 0
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
@@ -307,11 +308,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             # A signal stops a single process at once; under torchrun the ranks agree at the next
             # log or checkpoint step (they may see it at different steps).
             stopping = bool(stop.requested) and runtime.world_size() == 1
+            log_due = due(step, tc.log_every, tc.max_steps)
             checkpoint_due = due(step, tc.checkpoint_every, tc.max_steps)
-            if due(step, tc.log_every, tc.max_steps) or checkpoint_due or stopping:
+            if log_due or checkpoint_due or stopping:
                 # The loop's only host sync.
                 loss, skipped, first_skipped, stop_votes = trainer.read_stats(
-                    reset_loss=due(step, tc.log_every, tc.max_steps), stop_requested=bool(stop.requested))
+                    reset_loss=log_due, stop_requested=bool(stop.requested))
                 stopping = stopping or stop_votes
                 if skipped > skipped_logged:
                     check_nonfinite(first_skipped, skipped, cfg, run_dir)
@@ -319,7 +321,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                                 f"gradient, update skipped ({skipped} of "
                                 f"trainer.max_nonfinite_skips={tc.max_nonfinite_skips})")
                     skipped_logged = skipped
-            if due(step, tc.log_every, tc.max_steps):
+            if log_due:
                 steps_done, elapsed = step - logged_step, time.perf_counter() - interval_start
                 record.update(loss=loss, lr=learning_rate(step, tc),
                               images_per_s=steps_done * tc.batch_size * runtime.world_size() / elapsed)
@@ -391,10 +393,10 @@ def check_nonfinite(step: int, count: int, cfg: DictConfig, run_dir: Path) -> No
 
 def restore(state: dict, trainer: TrainStep) -> int:
     """Load a checkpoint's model, EMA, optimizer and random streams into `trainer`; returns its step."""
-    saved_world = len(state["rng"].get("train_ranks", [None]))
-    if saved_world != runtime.world_size():
-        raise UserError(f"this run trained on {saved_world} process(es), not {runtime.world_size()}: "
-                        f"resume it with torchrun --nproc-per-node {saved_world}, so every rank "
+    streams = state["rng"].get("train_ranks", [state["rng"]["train"]])  # one per rank
+    if len(streams) != runtime.world_size():
+        raise UserError(f"this run trained on {len(streams)} process(es), not {runtime.world_size()}: "
+                        f"resume it with torchrun --nproc-per-node {len(streams)}, so every rank "
                         f"continues its own random stream")
     trainer.model.load_state_dict(state["model"])
     if trainer.ema:
@@ -402,7 +404,7 @@ def restore(state: dict, trainer: TrainStep) -> int:
     trainer.optimizer.load_state_dict(state["optimizer"])
     if "scaler" in state:
         trainer.scaler.load_state_dict(state["scaler"])
-    trainer.generator.set_state(state["rng"].get("train_ranks", [state["rng"]["train"]])[runtime.rank()])
+    trainer.generator.set_state(streams[runtime.rank()])
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
