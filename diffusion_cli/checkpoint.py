@@ -1,12 +1,16 @@
 """Checkpoints: self-describing dicts that load with `torch.load(path, weights_only=True)`.
 
 A checkpoint holds `format_version`, `step`, `model` (state dict), `ema` (the EMA weights' state
-dict, when trainer.ema_decay > 0), `optimizer` (state dict),
+dict, when trainer.ema_decay > 0), `optimizer` (state dict), `scaler` (fp16 only),
 `config` (the whole resolved run config as plain containers) and `rng` (generator states as
-tensors). `load()` rebuilds model and schedule from that dict alone.
+tensors). `load()` rebuilds model and schedule from that dict alone; `save_training()` and
+`restore()` write and read the whole training state, and `resumed_config()` decides what a
+resumed run may change.
 """
 
+import json
 import pickle
+import random
 from pathlib import Path
 
 import torch
@@ -15,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from .atomic import atomic_write
 from .errors import UserError
 from .models import build_model
+from . import runtime
 from .runtime import use_channels_last
 from .schedule import NoiseSchedule
 
@@ -85,3 +90,100 @@ def load(path: str | Path, device="cpu", use_ema: bool = True
                         f"({str(error).splitlines()[0]})") from None
     schedule = NoiseSchedule.from_config(config.schedule).to(device)
     return use_channels_last(model).eval(), schedule, config
+
+
+def to_plain(cfg: DictConfig) -> dict:
+    """The resolved config as plain Python containers, for checkpoints and result files."""
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+
+def save_training(trainer, cfg: DictConfig, step: int, run_dir: Path, rng: dict) -> None:
+    """checkpoints/step_N.pt, keeping the last `keep_checkpoints`, and last.pt, from a TrainStep
+    and the random states `rng` (every rank's, gathered by the caller)."""
+    state = {
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "model": trainer.model.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(),
+        "config": to_plain(cfg),
+        "rng": rng,
+    }
+    if trainer.ema:
+        state["ema"] = trainer.ema.model.state_dict()
+    if trainer.scaler.is_enabled():
+        state["scaler"] = trainer.scaler.state_dict()
+    directory = run_dir / "checkpoints"
+    for stale in directory.glob(".*.tmp"):  # left by a process killed while writing
+        stale.unlink()
+    keep = cfg.trainer.keep_checkpoints
+    if keep > 0 and cfg.trainer.checkpoint_every > 0 and step % cfg.trainer.checkpoint_every == 0:
+        save(state, directory / f"step_{step:07d}.pt")
+        for old in sorted(directory.glob("step_*.pt"))[:-keep]:
+            old.unlink()
+    save(state, directory / "last.pt")
+
+
+def restore(state: dict, trainer) -> int:
+    """Load a checkpoint's model, EMA, optimizer and random streams into a TrainStep; returns its
+    step."""
+    streams = state["rng"].get("train_ranks", [state["rng"]["train"]])  # one per rank
+    if len(streams) != runtime.world_size():
+        raise UserError(f"this run trained on {len(streams)} process(es), not {runtime.world_size()}: "
+                        f"resume it with torchrun --nproc-per-node {len(streams)}, so every rank "
+                        f"continues its own random stream")
+    trainer.model.load_state_dict(state["model"])
+    if trainer.ema:
+        trainer.ema.model.load_state_dict(state.get("ema", state["model"]))
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    if "scaler" in state:
+        trainer.scaler.load_state_dict(state["scaler"])
+    trainer.generator.set_state(streams[runtime.rank()])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["step"]
+
+
+# Keys that may change when a run is resumed: how long it runs, where, and what it logs and keeps.
+RESUMABLE = ("trainer.max_steps", "trainer.device", "trainer.log_every", "trainer.eval_every",
+             "trainer.sample_every", "trainer.checkpoint_every", "trainer.keep_checkpoints",
+             "trainer.num_grid_images", "trainer.quality_every", "trainer.num_quality_images",
+             "trainer.max_nonfinite_skips", "trainer.precision", "trainer.compile", "sampler")
+
+
+def resumed_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, dict]:
+    """The checkpoint's own config with the command line's resumable overrides applied, and the
+    checkpoint itself. Any other override is refused: it would not be the same run. The caller
+    validates the result."""
+    state = read(cfg.resume, key="resume")
+    saved = OmegaConf.create(state["config"])
+    for override in overrides:
+        key = override.partition("=")[0].lstrip("+~")
+        if key == "resume" or key.startswith("hydra."):
+            continue
+        if not any(key == allowed or key.startswith(allowed + ".") for allowed in RESUMABLE):
+            raise UserError(f"{key} cannot change when resuming (the run has {key}="
+                            f"{OmegaConf.select(saved, key)}): drop that override, or start a new run")
+        OmegaConf.update(saved, key, OmegaConf.select(cfg, key), merge=False)
+    saved.resume = cfg.resume
+    if state["step"] >= saved.trainer.max_steps:
+        raise UserError(f"resume={cfg.resume} is at step {state['step']}, trainer.max_steps is "
+                        f"{saved.trainer.max_steps}: raise trainer.max_steps to train further")
+    return saved, state
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """Drop metrics logged after `step` (or cut off mid-line by a kill): the resumed run logs them
+    again, so the file has every step once."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError):
+            pass
+    with atomic_write(path) as file:
+        file.write("".join(kept))

@@ -275,8 +275,3 @@ def check_sampler_steps(sampler_cfg: DictConfig, T: int) -> None:
     if sampler_cfg.steps is not None and sampler_cfg.steps > T:
         raise UserError(f"sampler.steps={sampler_cfg.steps} is more than the model's schedule.T={T}: "
                         f"use at most {T}, or null for all of them")
-
-
-def to_plain(cfg: DictConfig) -> dict:
-    """The resolved config as plain Python containers, for checkpoints and result files."""
-    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)

@@ -3,7 +3,7 @@ process group of a torchrun launch. The same commands run on a CPU, one GPU or s
 
 import logging
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -37,6 +37,17 @@ def autocast(device: torch.device, precision: str):
     if PRECISIONS[precision] is None:
         return nullcontext()
     return torch.autocast(device.type, dtype=PRECISIONS[precision])
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """Evaluate in eval mode, then give the model back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def convolutional(model: nn.Module) -> bool:

@@ -8,7 +8,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .images import to_unit
-from .models import eval_mode
+from .runtime import eval_mode
 from .schedule import NoiseSchedule, combine
 
 

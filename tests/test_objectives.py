@@ -8,7 +8,7 @@ from torch import nn
 from diffusion_cli.ema import EMA
 from diffusion_cli.sampling import ddim_step, ddpm_step, denoiser
 from diffusion_cli.schedule import PREDICTIONS, NoiseSchedule
-from diffusion_cli.train import MIN_SNR_GAMMA, loss_weight, training_loss
+from diffusion_cli.objectives import MIN_SNR_GAMMA, loss_weight, training_loss
 
 torch.manual_seed(0)
 SCHEDULE = NoiseSchedule(T=1000)

@@ -2,8 +2,6 @@
 LongTensors of shape (B,), and returns a tensor shaped like x_t: the noise, the clean image or v,
 as its `prediction` attribute says (set from model.prediction)."""
 
-from contextlib import contextmanager
-
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -31,14 +29,3 @@ def build_model(model_cfg, data_cfg) -> nn.Module:
         raise UserError(str(error)) from None
     model.prediction = model_cfg.get("prediction", "eps")  # checkpoints before it predicted eps
     return model
-
-
-@contextmanager
-def eval_mode(model: nn.Module):
-    """Evaluate in eval mode, then give the model back in the mode it was in."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)

@@ -1,0 +1,119 @@
+"""What training measures and draws at its intervals, on rank 0: the held-out loss, sample and
+reconstruction grids, and sample-quality metrics."""
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .data import Split
+from .images import save_grid, to_unit
+from .metrics import sample_quality
+from .models import image_shape
+from .runtime import autocast, eval_mode
+from .sampling import class_rows, sample_images
+from .schedule import NoiseSchedule
+
+# The eval loss is also reported per bucket of timesteps: where the model is weak.
+LOSS_BUCKETS = 10
+# Fractions of T at which the reconstruction grids show x_t and the model's x0 estimate.
+RECONSTRUCTION_TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)
+# The fast sampler of the quality metrics during training.
+QUALITY_SAMPLER = OmegaConf.create({"kind": "ddim", "steps": 50, "eta": 0.0, "clip_x0": True})
+
+
+class Evaluator:
+    """The held-out loss (unweighted MSE in the model's prediction) at fixed timesteps and noise,
+    so numbers are comparable across steps; class-conditional models see the true labels."""
+
+    def __init__(self, data: Split, schedule: NoiseSchedule, batch_size: int, seed: int):
+        generator = torch.Generator().manual_seed(seed)
+        self.images, self.labels = data
+        # Timesteps spread evenly over 0..T-1, one per image; noise fixed once.
+        self.t = torch.linspace(0, schedule.T - 1, len(self.images)).round().long()
+        self.noise = torch.randn(self.images.shape, generator=generator)
+        self.schedule = schedule
+        self.batch_size = batch_size
+
+    @torch.inference_mode()
+    def loss(self, model) -> tuple[float, list[float]]:
+        """(mean loss, mean loss in each of LOSS_BUCKETS equal ranges of t)."""
+        device = self.schedule.betas.device
+        errors = []
+        with eval_mode(model):
+            for start in range(0, len(self.images), self.batch_size):
+                x0, t, noise = (v[start:start + self.batch_size].to(device)
+                                for v in (self.images, self.t, self.noise))
+                labels = None
+                if model.num_classes:
+                    labels = self.labels[start:start + self.batch_size].to(device)
+                output = model(self.schedule.q_sample(x0, t, noise), t, labels)
+                target = self.schedule.target(x0, t, noise, model.prediction)
+                errors.append((output - target).pow(2).flatten(1).mean(1).cpu())
+        errors = torch.cat(errors)
+        bucket = self.t * LOSS_BUCKETS // self.schedule.T
+        by_t = [errors[bucket == b].mean().item() if (bucket == b).any() else float("nan")
+                for b in range(LOSS_BUCKETS)]
+        return errors.mean().item(), by_t
+
+
+@torch.inference_mode()
+def reconstructions(model, schedule: NoiseSchedule, data: Split, seed: int) -> torch.Tensor:
+    """Rows: the clean images, then for each t in RECONSTRUCTION_TIMES x_t and the model's x0
+    estimate (clipped to [-1, 1]). Returns the rows stacked, in [-1, 1]."""
+    device = schedule.betas.device
+    x0 = data.images.to(device)
+    labels = data.labels.to(device) if model.num_classes else None
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    rows = [x0]
+    with eval_mode(model):
+        for fraction in RECONSTRUCTION_TIMES:
+            t = torch.full((len(x0),), round(fraction * (schedule.T - 1)), device=device)
+            x_t = schedule.q_sample(x0, t, noise)
+            _, x0_estimate = schedule.eps_and_x0(x_t, t, model(x_t, t, labels), model.prediction)
+            rows += [x_t.clamp(-1, 1), x0_estimate.clamp(-1, 1)]
+    return torch.cat(rows)
+
+
+def write_grids(model, schedule, cfg, step: int, run_dir, eval_data: Split) -> None:
+    """The sample grid (fixed seed, so grids are comparable across steps; one row per class for a
+    class-conditional model) and the reconstruction grid."""
+    labels, nrow = None, 0
+    if model.num_classes:
+        per_class = -(-cfg.trainer.num_grid_images // model.num_classes)
+        labels, nrow = class_rows(model.num_classes, per_class), per_class
+    count = len(labels) if labels is not None else cfg.trainer.num_grid_images
+    samples = sample_images(model, schedule, cfg.sampler, (count, *image_shape(cfg.data)),
+                            batch_size=cfg.trainer.batch_size, seed=cfg.trainer.seed, labels=labels)
+    save_grid(samples, run_dir / "samples" / f"step_{step:07d}.png", nrow)
+    shown = eval_data.head(8)
+    save_grid(to_unit(reconstructions(model, schedule, shown, cfg.trainer.seed)),
+              run_dir / "reconstructions" / f"step_{step:07d}.png", nrow=len(shown.images))
+
+
+def quality(model, schedule: NoiseSchedule, cfg: DictConfig) -> dict:
+    """The data's quality metrics on trainer.num_quality_images samples drawn with QUALITY_SAMPLER
+    from a fixed seed (balanced labels for a class-conditional model, no guidance)."""
+    count = cfg.trainer.num_quality_images
+    labels = torch.arange(count) % model.num_classes if model.num_classes else None
+    sampler = OmegaConf.merge(QUALITY_SAMPLER, {"steps": min(QUALITY_SAMPLER.steps, schedule.T)})
+    images = sample_images(model, schedule, sampler, (count, *image_shape(cfg.data)),
+                           batch_size=cfg.trainer.batch_size, seed=cfg.trainer.seed, labels=labels)
+    return sample_quality(images, cfg.data, labels)
+
+
+def due(step: int, every: int, last_step: int) -> bool:
+    """Whether periodic work (every N steps; 0 = only at the end) is due at `step`."""
+    return step == last_step or (every > 0 and step % every == 0)
+
+
+def evaluate(record: dict, step: int, model, schedule: NoiseSchedule, evaluator: Evaluator,
+             cfg: DictConfig, run_dir, eval_data: Split) -> None:
+    """What is due at `step`: the eval loss and quality metrics go into `record`, the grids into
+    run_dir."""
+    tc = cfg.trainer
+    with autocast(schedule.betas.device, tc.precision):
+        if due(step, tc.eval_every, tc.max_steps):
+            record["eval_loss"], record["eval_loss_by_t"] = evaluator.loss(model)
+        if due(step, tc.sample_every, tc.max_steps):
+            write_grids(model, schedule, cfg, step, run_dir, eval_data)
+        if tc.num_quality_images and due(step, tc.quality_every, tc.max_steps):
+            record.update(quality(model, schedule, cfg))

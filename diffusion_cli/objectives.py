@@ -1,0 +1,40 @@
+"""The training objective (Ho et al. 2020): draw one timestep t per sample and noise eps, form
+x_t = q_sample(x0, t, eps), and regress the model's output on its target (eps, x0 or v, as
+model.prediction says) with an MSE loss, optionally min-SNR weighted."""
+
+import torch
+
+from .schedule import NoiseSchedule
+
+MIN_SNR_GAMMA = 5.0
+
+
+def loss_weight(schedule: NoiseSchedule, t: torch.Tensor, prediction: str, weighting: str
+                ) -> torch.Tensor:
+    """Per-sample loss weights. min_snr (Hang et al. 2023): min(SNR, gamma) / SNR for eps, carried
+    over to the other objectives as min(SNR, gamma) / (SNR + 1) for v and min(SNR, gamma) for x0."""
+    if weighting == "none":
+        return torch.ones(t.shape, device=t.device)
+    snr = schedule.snr[t]
+    clipped = snr.clamp(max=MIN_SNR_GAMMA)
+    return {"eps": clipped / snr, "v": clipped / (snr + 1), "x0": clipped}[prediction]
+
+
+def training_loss(model, schedule: NoiseSchedule, x0: torch.Tensor, generator: torch.Generator,
+                  labels: torch.Tensor | None = None, cond_drop_prob: float = 0.0,
+                  loss_weighting: str = "none", *, prediction: str | None = None,
+                  num_classes: int | None = None) -> torch.Tensor:
+    """The loss on a batch: the MSE between the model's output and its target, per sample
+    weighted. A class-conditional model sees the null label (index num_classes) with probability
+    cond_drop_prob, which trains the unconditional model that guidance needs. `prediction` and
+    `num_classes` default to the model's own attributes (a DDP wrapper has none: pass them)."""
+    prediction = prediction or model.prediction
+    t = torch.randint(0, schedule.T, (x0.shape[0],), generator=generator, device=x0.device)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+    if labels is not None:
+        null = model.num_classes if num_classes is None else num_classes
+        dropped = torch.rand(labels.shape, generator=generator, device=x0.device) < cond_drop_prob
+        labels = torch.where(dropped, null, labels)
+    output = model(schedule.q_sample(x0, t, noise), t, labels)
+    errors = (output - schedule.target(x0, t, noise, prediction)).pow(2).flatten(1).mean(1)
+    return (loss_weight(schedule, t, prediction, loss_weighting) * errors).mean()
