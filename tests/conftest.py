@@ -65,3 +65,35 @@ def mnist_classifier():
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(classifier.train_classifier(os.environ["DIFFUSION_CLI_DATA"], False, steps=200), path)
     return classifier.load_classifier(os.environ["DIFFUSION_CLI_DATA"], False)
+
+
+def run_in_process(name: str, *args: str, cwd: Path, env: dict | None = None
+                   ) -> subprocess.CompletedProcess:
+    """A console script's entry point called in this process (no interpreter start: about 0.2 s,
+    not 5), with its exit code and output, as run_cli gives them."""
+    import contextlib
+    import io
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    from diffusion_cli import sample, train
+
+    entry = {"diffusion-train": train.cli, "diffusion-sample": sample.cli}[name]
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    saved = dict(os.environ), list(sys.argv), os.getcwd()
+    os.environ.update({"HYDRA_FULL_ERROR": "", **(env or {})})
+    sys.argv = [name, *args]
+    os.chdir(cwd)
+    GlobalHydra.instance().clear()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            entry()
+    except SystemExit as exit:
+        code = exit.code if isinstance(exit.code, int) else 1
+    finally:
+        os.environ.clear()
+        os.environ.update(saved[0])
+        sys.argv = saved[1]
+        os.chdir(saved[2])
+        GlobalHydra.instance().clear()
+    return subprocess.CompletedProcess([name, *args], code, out.getvalue(), err.getvalue())

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from conftest import TINY_TRAIN, run_cli
+from conftest import TINY_TRAIN, run_cli, run_in_process
 from diffusion_cli import checkpoint
 
 
@@ -79,6 +79,7 @@ def test_relative_paths_resolve_from_the_working_directory(trained_run, tmp_path
     assert len(list((tmp_path / "outputs").glob("*/*-sample/samples.png"))) == 1
 
 
+@pytest.mark.slow
 def test_unet_on_mnist_trains_and_samples(tmp_path, mnist_classifier):
     run_dir = tmp_path / "mnist"
     run_cli("diffusion-train", "model=unet", "data=mnist", "data.num_train=64", "data.num_eval=8",
@@ -98,6 +99,7 @@ TINY_RESUNET = ["data=mnist", "model=resunet", "data.num_train=64", "data.num_ev
                 "trainer.num_eval_images=8", "trainer.num_grid_images=12", "trainer.num_quality_images=20"]
 
 
+@pytest.mark.slow
 def test_class_conditional_v_prediction_trains_and_samples_with_guidance(tmp_path, mnist_classifier):
     run_dir = tmp_path / "conditional"
     run_cli("diffusion-train", *TINY_RESUNET, "model.num_classes=10", "model.prediction=v",
@@ -130,6 +132,7 @@ def read_summary(sweep_dir):
         return list(csv.DictReader(file))
 
 
+@pytest.mark.slow
 def test_sweep_runs_every_combination_and_writes_a_summary(tmp_path):
     sweep_dir = tmp_path / "sweep"
     tiny = [arg for arg in TINY_TRAIN if not arg.startswith("schedule.T=")]
@@ -147,6 +150,7 @@ def test_sweep_runs_every_combination_and_writes_a_summary(tmp_path):
     assert (sweep_dir / "summary.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_a_failing_sweep_job_is_recorded_and_the_others_still_run(tmp_path):
     sweep_dir = tmp_path / "sweep"
     tiny = [arg for arg in TINY_TRAIN if not arg.startswith("schedule.T=")]
@@ -201,14 +205,13 @@ BAD_INPUT = [
 ]
 
 
-@pytest.mark.parametrize("script, args, named", BAD_INPUT)
-def test_bad_input_is_one_line_and_a_non_zero_exit(trained_run, tmp_path, script, args, named):
+def check_bad_input(run, trained_run, tmp_path, script, args, named):
     (tmp_path / "empty_dir").mkdir()
     (tmp_path / "not_a_checkpoint.pt").write_text("hello")
     (tmp_path / "x.pt").write_text("")
     before = snapshot(trained_run)
     args = [arg.replace("TRAINED", str(trained_run)) for arg in args]
-    result = run_cli(script, *args, cwd=tmp_path, check=False, env=OFFLINE)
+    result = run(script, *args, cwd=tmp_path, env=OFFLINE)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     error_lines = result.stderr.strip().splitlines()
@@ -216,6 +219,20 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(trained_run, tmp_path, script
     assert snapshot(trained_run) == before  # nothing lost
 
 
+@pytest.mark.parametrize("script, args, named", BAD_INPUT)
+def test_bad_input_is_one_line_and_a_non_zero_exit(trained_run, tmp_path, script, args, named):
+    """The entry points called in this process: the fast tier covers every case."""
+    check_bad_input(run_in_process, trained_run, tmp_path, script, args, named)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, args, named", BAD_INPUT)
+def test_bad_input_from_the_console_scripts(trained_run, tmp_path, script, args, named):
+    """The same table through the installed console scripts, as a user runs them."""
+    check_bad_input(lambda *a, **k: run_cli(*a, check=False, **k), trained_run, tmp_path, script, args, named)
+
+
+@pytest.mark.slow
 def test_hydra_full_error_shows_the_traceback(tmp_path):
     result = run_cli("diffusion-train", "schedule.T=abc", cwd=tmp_path, check=False,
                      env={"HYDRA_FULL_ERROR": "1"})

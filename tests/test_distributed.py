@@ -2,9 +2,12 @@
 
 import subprocess
 
+import pytest
 import torch
 
 from conftest import TINY_TRAIN, script
+
+pytestmark = pytest.mark.slow  # multi-process / sweep runs: CI runs them
 
 
 def torchrun(*args: str, cwd, resume: bool = False) -> subprocess.CompletedProcess:

@@ -3,7 +3,11 @@ local parallel sweeps."""
 
 import csv
 
+import pytest
+
 from conftest import TINY_TRAIN, run_cli
+
+pytestmark = pytest.mark.slow  # multi-process / sweep runs: CI runs them
 
 
 def test_the_submitit_slurm_launcher_config_composes(tmp_path):

@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 
 from diffusion_cli.data import load_mnist
@@ -28,6 +29,7 @@ def test_frechet_distance_is_zero_for_the_same_gaussian_and_symmetric():
     assert abs(frechet_distance(*stats_a, *stats_b) - expected.item()) < 1e-6
 
 
+@pytest.mark.slow  # trains the stand-in classifier on MNIST (~40 s)
 def test_the_classifier_learns_mnist_and_the_metrics_tell_real_from_broken(mnist_classifier):
     classifier, entry = mnist_classifier
     assert entry["test_accuracy"] > 0.9  # 200 steps; the real one (1500 steps) scores about 0.99

@@ -94,6 +94,7 @@ KILL_POINTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_point", list(KILL_POINTS))
 def test_resume_after_kill_9_is_bit_identical(straight_run, tmp_path, kill_point):
     for attempt in range(5):  # a kill point can be missed when the process runs past it
@@ -127,6 +128,7 @@ def test_resume_after_kill_9_is_bit_identical(straight_run, tmp_path, kill_point
         ["last.pt", "step_0000027.pt", "step_0000030.pt"]  # no temp files left, two kept
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_saves_a_checkpoint_and_says_how_to_resume(tmp_path, sig, code):
     run_dir = tmp_path / "run"
@@ -143,6 +145,7 @@ def test_a_signal_saves_a_checkpoint_and_says_how_to_resume(tmp_path, sig, code)
     assert last_checkpoint_step(run_dir) == step + 2
 
 
+@pytest.mark.slow
 def test_resume_refuses_overrides_that_would_change_the_run(straight_run, tmp_path):
     before = (straight_run / "checkpoints" / "last.pt").read_bytes()
     result = run_cli("diffusion-train", f"resume={straight_run}", "trainer.max_steps=40",
@@ -195,6 +198,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, script_name, key)
     assert not evidence.exists()
 
 
+@pytest.mark.slow
 def test_unreadable_and_foreign_checkpoints_are_clear_errors(trained_run, tmp_path):
     good = (trained_run / "checkpoints" / "last.pt").read_bytes()
     cases = {

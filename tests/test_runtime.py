@@ -54,6 +54,7 @@ def test_compile_falls_back_with_one_warning_where_it_cannot_work(monkeypatch, c
     assert "trainer.compile=false" in caplog.text
 
 
+@pytest.mark.slow
 def test_bf16_and_compile_train_and_sample(tmp_path):
     run_dir = tmp_path / "run"
     run_cli("diffusion-train", *TINY_TRAIN, "trainer.precision=bf16", "trainer.compile=true",
@@ -70,6 +71,7 @@ def test_bf16_and_compile_train_and_sample(tmp_path):
     assert images.dtype == torch.float32 and images.isfinite().all()
 
 
+@pytest.mark.slow
 def test_fp16_uses_a_grad_scaler_that_resumes(tmp_path):
     run_dir = tmp_path / "run"
     run_cli("diffusion-train", *TINY_TRAIN, "trainer.precision=fp16", f"hydra.run.dir={run_dir}", cwd=tmp_path)
@@ -79,6 +81,7 @@ def test_fp16_uses_a_grad_scaler_that_resumes(tmp_path):
     assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"] == 8
 
 
+@pytest.mark.slow
 def test_the_benchmark_prints_its_three_tables():
     result = subprocess.run([script("diffusion-bench"), "--quick", "--device", "cpu"],
                             capture_output=True, text=True, timeout=600)
@@ -91,6 +94,7 @@ def test_the_benchmark_prints_its_three_tables():
     assert "| DDPM | diffusers DDPMScheduler |" in out and "diffusers UNet2DModel" in out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, named", [
     (["speed"], "unknown table 'speed'"),
     pytest.param(["--device", "cuda"], "--device=cuda", marks=pytest.mark.skipif(
