@@ -2,28 +2,31 @@
 
 A checkpoint holds `format_version`, `step`, `model` (state dict), `ema` (the EMA weights' state
 dict, when trainer.ema_decay > 0), `optimizer` (state dict), `scaler` (fp16 only),
-`config` (the whole resolved run config as plain containers) and `rng` (generator states as
-tensors). `load()` rebuilds model and schedule from that dict alone; `save_training()` and
+`config` (the whole resolved run config as plain containers), `rng` (the device type and every
+rank's generator states, as tensors) and `lr_rewarm` (after a resume that moved the learning-rate
+curve). `load()` rebuilds model and schedule from that dict alone; `save_training()` and
 `restore()` write and read the whole training state, and `resumed_config()` decides what a
 resumed run may change.
 """
 
 import json
+import logging
 import pickle
-import random
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from . import runtime
 from .atomic import atomic_write
 from .errors import UserError
 from .models import build_model
-from . import runtime
 from .runtime import use_channels_last
 from .schedule import NoiseSchedule
 
-FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 2  # 2: random states per rank ("rng": {"device_type", "ranks"}), lr_rewarm
 
 
 def save(state: dict, path: Path) -> None:
@@ -112,6 +115,8 @@ def save_training(trainer, cfg: DictConfig, step: int, run_dir: Path, rng: dict)
         state["ema"] = trainer.ema.model.state_dict()
     if trainer.scaler.is_enabled():
         state["scaler"] = trainer.scaler.state_dict()
+    if trainer.lr_rewarm is not None:
+        state["lr_rewarm"] = list(trainer.lr_rewarm)
     directory = run_dir / "checkpoints"
     for stale in directory.glob(".*.tmp"):  # left by a process killed while writing
         stale.unlink()
@@ -124,12 +129,15 @@ def save_training(trainer, cfg: DictConfig, step: int, run_dir: Path, rng: dict)
 
 
 def restore(state: dict, trainer) -> int:
-    """Load a checkpoint's model, EMA, optimizer and random streams into a TrainStep; returns its
-    step."""
-    streams = state["rng"].get("train_ranks", [state["rng"]["train"]])  # one per rank
-    if len(streams) != runtime.world_size():
-        raise UserError(f"this run trained on {len(streams)} process(es), not {runtime.world_size()}: "
-                        f"resume it with torchrun --nproc-per-node {len(streams)}, so every rank "
+    """Load a checkpoint's model, EMA, optimizer and random states into a TrainStep; returns its
+    step. On another device type (a GPU run resumed on the CPU, or the reverse) the weights and
+    optimizer move over, but a generator's state can't: the training stream starts anew from
+    trainer.seed, the step and the rank, with a warning that the run is no longer bit-identical
+    to an uninterrupted one."""
+    device_type, ranks = _random_states(state["rng"])
+    if len(ranks) != runtime.world_size():
+        raise UserError(f"this run trained on {len(ranks)} process(es), not {runtime.world_size()}: "
+                        f"resume it with torchrun --nproc-per-node {len(ranks)}, so every rank "
                         f"continues its own random stream")
     trainer.model.load_state_dict(state["model"])
     if trainer.ema:
@@ -137,12 +145,31 @@ def restore(state: dict, trainer) -> int:
     trainer.optimizer.load_state_dict(state["optimizer"])
     if "scaler" in state:
         trainer.scaler.load_state_dict(state["scaler"])
-    trainer.generator.set_state(streams[runtime.rank()])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    mine, device = ranks[runtime.rank()], trainer.device
+    torch.set_rng_state(mine["torch"])
+    if device_type == device.type:
+        trainer.generator.set_state(mine["train"])
+        if "cuda" in mine:
+            torch.cuda.set_rng_state(mine["cuda"], device)
+    else:
+        seed = trainer.tc.seed + runtime.world_size() * state["step"] + runtime.rank()
+        log.warning(f"this run trained on {device_type}, it resumes on {device.type}: weights, EMA "
+                    f"and optimizer carry over, but random streams can't move between device "
+                    f"types, so batches and noise continue from seed {seed} (not bit-identical "
+                    f"to an uninterrupted run)")
+        trainer.generator.manual_seed(seed)
+        if device.type == "cuda":
+            torch.cuda.manual_seed(seed)
     return state["step"]
+
+
+def _random_states(rng: dict) -> tuple[str, list[dict]]:
+    """(device type, each rank's states), from a format 2 checkpoint or a format 1 one (CPU
+    runs: the training streams per rank, torch's global state of rank 0)."""
+    if "ranks" in rng:
+        return rng["device_type"], rng["ranks"]
+    streams = rng.get("train_ranks", [rng["train"]])
+    return "cpu", [{"train": stream, "torch": rng["torch"]} for stream in streams]
 
 
 # Keys that may change when a run is resumed: how long it runs, where, and what it logs and keeps.
@@ -173,17 +200,46 @@ def resumed_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, d
     return saved, state
 
 
-def keep_metrics_until(path: Path, step: int) -> None:
-    """Drop metrics logged after `step` (or cut off mid-line by a kill): the resumed run logs them
-    again, so the file has every step once."""
-    if not path.exists():
-        return
+def run_dir_of(path: str | Path) -> Path:
+    """The run dir of a resume= path: the dir itself, or the run dir of checkpoints/<file>.pt."""
+    path = Path(path)
+    return path.parent.parent if path.suffix == ".pt" else path
+
+
+def same_dir(a: str | Path, b: str | Path) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def step_of(path: Path) -> int:
+    """A checkpoint's step, read without loading its tensors (memory-mapped)."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
+
+
+def is_latest(path: str | Path) -> bool:
+    """Whether resume= names its run's newest state (the run dir, last.pt, or a step_N.pt at
+    last.pt's step). An older checkpoint branches into a new run dir, so that the run's later
+    checkpoints and metrics stay as they are. A path that can't be read counts as the latest:
+    validate() names what is wrong with it."""
+    path = Path(path)
+    last = path.parent / "last.pt"
+    if path.suffix != ".pt" or path.name == "last.pt" or not last.is_file():
+        return True
+    try:
+        return step_of(path) >= step_of(last)
+    except Exception:
+        return True
+
+
+def continue_metrics(source: Path, target: Path, step: int) -> None:
+    """Write to `target` the lines of `source` (the resumed run's metrics.jsonl; the same file when
+    it continues in place) up to `step`, dropping later ones and a line cut off by a kill: the
+    resumed run logs them again, so the file has every step once."""
     kept = []
-    for line in path.read_text().splitlines():
+    for line in (source.read_text().splitlines() if source.exists() else []):
         try:
             if json.loads(line)["step"] <= step:
                 kept.append(line + "\n")
         except (ValueError, KeyError):
             pass
-    with atomic_write(path) as file:
+    with atomic_write(target) as file:
         file.write("".join(kept))

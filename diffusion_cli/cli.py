@@ -14,9 +14,10 @@ import torch.distributed as dist
 from omegaconf import DictConfig, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
-from . import runtime
+from . import checkpoint, runtime
 from .config import validate
 from .errors import UserError
+from .rundir import claim, claim_sweep
 from .stopping import Stopped
 from .sweep import write_result, write_summary
 
@@ -71,6 +72,12 @@ class Callbacks(Callback):
             fail(str(error))
         share_run_dir(config)
         run_dir = Path(config.hydra.run.dir)
+        resume = config.get("resume")
+        if resume is None or not checkpoint.same_dir(checkpoint.run_dir_of(resume), run_dir):
+            problem = claim(run_dir, config.overwrite, "resume" in config) if runtime.is_main() else None
+            problem = runtime.broadcast(problem)  # every rank stops, or none
+            if problem:
+                fail(problem)
         try:
             run_dir.mkdir(parents=True, exist_ok=True)  # what Hydra does next, with a clear error
         except OSError as error:
@@ -80,6 +87,12 @@ class Callbacks(Callback):
     def on_run_end(self, config: DictConfig, **kwargs) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        """A sweep dir that holds another sweep's runs is refused (or, with overwrite, cleared)."""
+        problem = claim_sweep(Path(config.hydra.sweep.dir), config.overwrite)
+        if problem:
+            fail(problem)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         """Rebuild summary.csv once more (parallel launchers) and exit non-zero if a job failed."""

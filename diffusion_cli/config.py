@@ -92,6 +92,7 @@ class TrainerConfig:
     quality_every: int = MISSING
     num_quality_images: int = MISSING
     max_nonfinite_skips: int = MISSING
+    grad_clip: float = MISSING
     precision: str = MISSING
     compile: bool = MISSING
 
@@ -123,6 +124,7 @@ class SampleConfig:
     eval: bool = MISSING
     precision: str = MISSING
     compile: bool = MISSING
+    overwrite: bool = MISSING
     sampler: Any = MISSING
 
 
@@ -143,16 +145,22 @@ register_schemas()
 
 
 def resume_run_dir(resume: str | None, default: str) -> str:
-    """hydra.run.dir: a new dir, or for `resume=` the run dir of that checkpoint."""
-    if resume is None:
+    """hydra.run.dir: a new dir, or for `resume=` of a run's latest state that run's dir (an older
+    checkpoint branches into a new dir: see checkpoint.is_latest)."""
+    if resume is None or not checkpoint.is_latest(resume):
         return default
-    path = Path(resume)
-    return str(path.parent.parent if path.suffix == ".pt" else path)
+    return str(checkpoint.run_dir_of(resume))
+
+
+def resume_output_subdir(resume: str | None, run_dir: str) -> str | None:
+    """hydra.output_subdir: a run resumed in its own dir keeps the .hydra/ it has."""
+    if resume is not None and checkpoint.same_dir(checkpoint.run_dir_of(resume), run_dir):
+        return None
+    return ".hydra"
 
 
 OmegaConf.register_new_resolver("resume_run_dir", resume_run_dir, replace=True)
-OmegaConf.register_new_resolver("resume_output_subdir",
-                                lambda resume: ".hydra" if resume is None else None, replace=True)
+OmegaConf.register_new_resolver("resume_output_subdir", resume_output_subdir, replace=True)
 
 
 LR_SCHEDULES = ("cosine", "constant")
@@ -210,6 +218,8 @@ RULES = [
     ("trainer.quality_every", _non_negative, "an integer >= 0 (0: only at the end)"),
     ("trainer.num_quality_images", _non_negative, "an integer >= 0 (0: no quality metrics)"),
     ("trainer.max_nonfinite_skips", _non_negative, "an integer >= 0"),
+    ("trainer.grad_clip", _non_negative, "a number >= 0 (0: no clipping)"),
+    ("overwrite", lambda v: isinstance(v, bool), "true or false"),
     ("trainer.precision", *_one_of(tuple(PRECISIONS))),
     ("precision", *_one_of(tuple(PRECISIONS))),
     ("sampler.steps", lambda v: v is None or v >= 1, "null (all T) or an integer >= 1"),

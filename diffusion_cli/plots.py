@@ -14,7 +14,7 @@ import torch  # noqa: E402
 
 from .atomic import atomic_write  # noqa: E402
 from .models import image_shape  # noqa: E402
-from .sampling import ddim_timesteps, sample, sampler_options  # noqa: E402
+from .sampling import ddim_timesteps, model_device, sample, sampler_options  # noqa: E402
 
 
 def save(figure, path: Path) -> None:
@@ -64,7 +64,7 @@ def denoising(model, schedule, cfg, path: Path, count: int = 8, columns: int = 1
     steps = sampler.steps or schedule.T
     labels = torch.arange(count) % model.num_classes if model.num_classes else None
     trajectory = sample(model, schedule, (count, *image_shape(cfg.data)), **sampler_options(sampler),
-                        generator=torch.Generator().manual_seed(cfg.trainer.seed),
+                        generator=torch.Generator(model_device(model, schedule)).manual_seed(cfg.trainer.seed),
                         return_all_steps=True, labels=labels).cpu()
     # The timestep each state is the model's input at; the last state is the sample itself.
     inputs = (ddim_timesteps(schedule.T, steps) if sampler.kind == "ddim"

@@ -4,6 +4,7 @@ process group of a torchrun launch. The same commands run on a CPU, one GPU or s
 import logging
 import os
 from contextlib import contextmanager, nullcontext
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -18,7 +19,7 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def resolve_device(name: str, key: str = "device") -> torch.device:
     """`auto` is CUDA when available, else the CPU; an explicit device must exist. Under torchrun
-    each process takes the GPU of its LOCAL_RANK."""
+    each process takes the GPU of its LOCAL_RANK, so a GPU index there is refused."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -27,9 +28,23 @@ def resolve_device(name: str, key: str = "device") -> torch.device:
         raise UserError(f"{key}={name} is not a device: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"{key}={name} but this machine has no usable CUDA GPU: use {key}=auto or cpu")
+    if device.type == "cuda" and device.index is not None and world_size() > 1:
+        raise UserError(f"{key}={name} under torchrun would put every process on GPU {device.index}: "
+                        f"use {key}=cuda (or auto), and each process takes the GPU of its LOCAL_RANK")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank())
     return device
+
+
+def use_fast_math(device: torch.device) -> None:
+    """On a GPU: TF32 tensor cores for float32 matmuls and convolutions (10 mantissa bits, about
+    the precision bf16 autocast already accepts; several times the fp32 throughput on Ampere and
+    later), and cuDNN's autotuner, which pays off because every step has the same shapes. The CPU
+    keeps exact float32 math, which the bit-identical resume tests rely on."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
 
 
 def autocast(device: torch.device, precision: str):
@@ -61,16 +76,18 @@ def use_channels_last(model: nn.Module) -> nn.Module:
     return model
 
 
-def compiled(model: nn.Module, enabled: bool, example: tuple, key: str) -> nn.Module:
-    """torch.compile(model) when enabled, tried once on `example` inputs: where compiling can't
-    work here (no C compiler, an unsupported Python or platform) a one-line warning, and the
-    model runs uncompiled. The weights stay shared with `model`."""
+def compiled(model: nn.Module, enabled: bool, warm_up: Callable[[nn.Module], object], key: str
+             ) -> nn.Module:
+    """torch.compile(model) when enabled, compiled at once by `warm_up(network)`, which must make
+    the calls the real work makes (shapes, grad mode, autocast), so that the work itself never
+    recompiles. Where compiling can't work here (no C compiler, an unsupported Python or
+    platform) a one-line warning, and the model runs uncompiled. The weights stay shared."""
     if not enabled:
         return model
     network = torch.compile(model)
     try:
-        with torch.no_grad():  # no backward to owe: a DDP model would expect one
-            network(*example)
+        with torch.random.fork_rng(devices=[]):  # warm-up draws (dropout) leave no trace
+            warm_up(network)
     except Exception as error:  # Dynamo/Inductor raise many kinds; any of them means "can't"
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         log.warning(f"{key}=true: torch.compile does not work here ({reason[:200]}); running "
@@ -105,6 +122,23 @@ def init_distributed() -> None:
             dist.init_process_group("cpu:gloo,cuda:nccl")
         else:
             dist.init_process_group("gloo")
+
+
+@contextmanager
+def main_process_first():
+    """Rank 0 runs the block first (a dataset download, a cache write), the other ranks after it,
+    so that they find its files. Rank 0 releases them even when it fails: they then fail the same
+    way, instead of waiting forever."""
+    if not dist.is_initialized():
+        yield
+        return
+    if not is_main():
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if is_main():
+            dist.barrier()
 
 
 def broadcast(value):

@@ -18,7 +18,7 @@ from .images import save_grid
 from .metrics import sample_quality
 from .models import image_shape
 from .runtime import autocast, compiled, resolve_device
-from .sampling import class_rows, sample_images
+from .sampling import class_rows, sample, sample_images
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +34,13 @@ def sample_from_checkpoint(cfg: DictConfig, run_dir: Path) -> dict:
     labels, nrow = requested_labels(cfg, model.num_classes)
     count = len(labels) if labels is not None else cfg.num_samples
     steps = cfg.sampler.steps or schedule.T
-    example = (torch.zeros(2, *shape, device=device), torch.zeros(2, dtype=torch.long, device=device),
-               torch.zeros(2, dtype=torch.long, device=device) if model.num_classes else None)
-    model = compiled(model, cfg.compile, example, "compile")
+    batch = min(count, cfg.batch_size)
+
+    def warm_up(network):  # one step of the real call: batch shape, inference mode, guidance
+        with autocast(device, cfg.precision):
+            sample(network, schedule, (batch, *shape), sampler="ddim", steps=1,
+                   labels=None if labels is None else labels[:batch], guidance_scale=cfg.guidance_scale)
+    model = compiled(model, cfg.compile, warm_up, "compile")
     log.info(f"run dir: {run_dir}")
     log.info(f"sampling {count} images from {checkpoint.resolve(cfg.ckpt)} with "
              f"{cfg.sampler.kind}, {steps} steps, seed {cfg.seed}, on {device}"

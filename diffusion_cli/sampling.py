@@ -33,10 +33,16 @@ def denoiser(model: nn.Module, labels: torch.Tensor | None = None, guidance_scal
 
 
 def randn(shape, generator: torch.Generator | None, device) -> torch.Tensor:
-    """Standard normal noise drawn on the generator's device and moved to `device`: a seeded CPU
-    generator gives the same images on the CPU and on a GPU."""
+    """Standard normal noise drawn on the generator's device and moved to `device` (a no-op when
+    the generator is on `device`, as sample_images' generators are)."""
     noise_device = generator.device if generator is not None else device
     return torch.randn(tuple(shape), generator=generator, device=noise_device).to(device)
+
+
+def model_device(model: nn.Module, schedule: NoiseSchedule) -> torch.device:
+    """Where the model's weights are; the schedule's device for a model without parameters."""
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else schedule.betas.device
 
 
 def clamped(x0: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
@@ -135,11 +141,11 @@ def sample(model: nn.Module, schedule: NoiseSchedule, shape, *, sampler: str = "
     labels: (B,) class indices for a class-conditional model; guidance_scale: classifier-free
     guidance weight (1 = plain conditional, 0 = unconditional).
     prediction: what the model outputs (eps, x0 or v); default the model's own `prediction`.
-    The model and schedule must be on `device` (default: the model's device).
+    The model and schedule must be on `device` (default: the model's device, else the schedule's).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler={sampler!r} is unknown; choose one of: {', '.join(SAMPLERS)}")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = torch.device(device) if device is not None else model_device(model, schedule)
     x = randn(shape, generator, device) if x_T is None else x_T.to(device)
     steps = steps or schedule.T
     labels = labels.to(device) if labels is not None else None
@@ -169,19 +175,24 @@ def sample_images(model: nn.Module, schedule: NoiseSchedule, sampler_cfg, shape,
                   seed: int, labels: torch.Tensor | None = None, guidance_scale: float = 1.0,
                   progress: bool = False) -> torch.Tensor:
     """`shape[0]` images in [0, 1] on the CPU, drawn `batch_size` at a time with the sampler config
-    (kind, steps, clip_x0, and eta for DDIM) from one CPU generator seeded with `seed`: the same
-    seed gives the same images on any device. `labels` (N,) for a class-conditional model. Training
-    grids, quality metrics and diffusion-sample all draw through here."""
-    generator = torch.Generator().manual_seed(seed)
-    # All initial noise first: deterministic samplers (DDIM, eta 0) then give the same image for
-    # the same seed whatever batch_size splits the work.
-    x_T = torch.randn(tuple(shape), generator=generator)
+    (kind, steps, clip_x0, and eta for DDIM). `labels` (N,) for a class-conditional model.
+    Training grids, quality metrics and diffusion-sample all draw through here.
+
+    All noise is drawn on the model's device, one batch at a time: image i's initial noise from
+    a generator seeded with the i-th seed that `seed` gives, so deterministic samplers (DDIM,
+    eta 0) give the same image for the same seed whatever batch_size splits the work; the
+    stochastic steps' noise continues that generator. The same seed gives the same images on
+    the same kind of device; a GPU's generator differs from the CPU's, so their images do too."""
+    device = model_device(model, schedule)
+    seeds = torch.randint(2 ** 62, (shape[0],), generator=torch.Generator().manual_seed(seed)).tolist()
+    generator = torch.Generator(device)
     total, chunks = shape[0], []
     batches = range(0, total, batch_size)
     for start in tqdm(batches, desc="batches", disable=not progress or len(batches) == 1):
-        noise = x_T[start:start + batch_size]
-        chunk = sample(model, schedule, noise.shape, **sampler_options(sampler_cfg),
-                       generator=generator, progress=progress, x_T=noise,
+        x_T = torch.stack([torch.randn(tuple(shape[1:]), generator=generator.manual_seed(s), device=device)
+                           for s in seeds[start:start + batch_size]])
+        chunk = sample(model, schedule, x_T.shape, **sampler_options(sampler_cfg),
+                       generator=generator, progress=progress, x_T=x_T,
                        labels=None if labels is None else labels[start:start + batch_size],
                        guidance_scale=guidance_scale)
         chunks.append(to_unit(chunk).cpu())

@@ -144,13 +144,16 @@ class NoiseSchedule(nn.Module):
         return mean, self._at("posterior_variance", t, x_t)
 
     def respaced(self, steps: int) -> "NoiseSchedule":
-        """A schedule over `steps` of the T training timesteps, evenly spaced from 0 to T-1, whose
-        betas keep alpha_bar at those timesteps exact (Nichol & Dhariwal 2021, sec. 4)."""
+        """A schedule over `steps` of the T training timesteps, evenly spaced from T-1 down to 0,
+        whose betas keep alpha_bar at those timesteps exact (Nichol & Dhariwal 2021, sec. 4). T-1
+        is always kept, so sampling starts from pure noise: a single step is the x0 estimate at
+        T-1, not a "denoising" of noise at t = 0."""
         if steps == self.T:
             return self
         if not 1 <= steps <= self.T:
             raise ValueError(f"sampler.steps={steps} must be between 1 and schedule.T={self.T}")
-        kept = torch.linspace(0, self.T - 1, steps, dtype=torch.float64).round().long()
+        # Spaced from the top (linspace of one point is its start), then put in increasing order.
+        kept = torch.linspace(self.T - 1, 0, steps, dtype=torch.float64).round().long().flip(0)
         alpha_bars = torch.cumprod(1.0 - self._betas64, dim=0)[kept]
         previous = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bars[:-1]])
         betas = 1.0 - alpha_bars / previous

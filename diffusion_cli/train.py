@@ -7,7 +7,6 @@ the weights.
 import json
 import logging
 import math
-import random
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -30,20 +29,28 @@ from .evaluate import QUALITY_SAMPLER, Evaluator, due, evaluate
 from .metrics import QUALITY_KEYS
 from .models import build_model
 from .objectives import training_loss
-from .runtime import autocast, compiled, convolutional, resolve_device, use_channels_last
+from .runtime import autocast, compiled, convolutional, resolve_device, use_channels_last, use_fast_math
 from .schedule import NoiseSchedule
 from .stopping import GracefulStop, Stopped
 
 log = logging.getLogger(__name__)
 
-def learning_rate(step: int, tc) -> float:
-    """Linear warm-up to trainer.lr, then constant or a cosine decay to 0 at max_steps."""
+def learning_rate(step: int, tc, rewarm: tuple[int, float] | None = None) -> float:
+    """Linear warm-up to trainer.lr, then constant or a cosine decay to 0 at max_steps. After a
+    resume that moved the curve (a new max_steps), `rewarm` = (the resume step, the rate there):
+    over the next lr_warmup_steps the rate moves linearly from there to the new curve, so it
+    never jumps."""
     if step <= tc.lr_warmup_steps:
-        return tc.lr * step / tc.lr_warmup_steps
-    if tc.lr_schedule == "constant":
-        return tc.lr
-    progress = (step - tc.lr_warmup_steps) / max(1, tc.max_steps - tc.lr_warmup_steps)
-    return tc.lr * 0.5 * (1 + math.cos(math.pi * progress))
+        planned = tc.lr * step / tc.lr_warmup_steps
+    elif tc.lr_schedule == "constant":
+        planned = tc.lr
+    else:
+        progress = (step - tc.lr_warmup_steps) / max(1, tc.max_steps - tc.lr_warmup_steps)
+        planned = tc.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    if rewarm is None or step >= rewarm[0] + tc.lr_warmup_steps:
+        return planned
+    start, start_lr = rewarm
+    return start_lr + (planned - start_lr) * (step - start) / tc.lr_warmup_steps
 
 
 class TrainStep:
@@ -66,38 +73,52 @@ class TrainStep:
                                            weight_decay=tc.weight_decay, fused=True)
         self.scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
         self.ema = EMA(self.model, tc.ema_decay) if tc.ema_decay > 0 else None
+        self.lr, self.lr_rewarm = 0.0, None
         # The training stream: batch indices, timesteps, noise, label dropout; seed + rank under
         # torchrun. Evaluation and grids use fixed-seed generators of their own.
         self.generator = torch.Generator(device).manual_seed(tc.seed + runtime.rank())
-        example = (self.images[:2], torch.zeros(2, dtype=torch.long, device=device),
-                   None if self.labels is None else self.labels[:2])
+        # The model's own randomness (dropout) comes from torch's global generators: seeded per
+        # rank too, from the rank's seed, so ranks draw different dropout masks.
+        torch.manual_seed(torch.randint(2 ** 62, (), generator=torch.Generator().manual_seed(
+            tc.seed + runtime.rank())).item())
         network = self.model
         if runtime.world_size() > 1:  # gradients all-reduced in backward
             network = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
-        self.network = compiled(network, tc.compile, example, "trainer.compile")
+        self.network = compiled(network, tc.compile, self.warm_up, "trainer.compile")
         # Sum of the losses of applied steps, applied steps, skipped steps, first skipped step.
         self.stats = torch.zeros(4, device=device)
 
-    def __call__(self, step: int) -> None:
+    def loss(self, network, generator: torch.Generator) -> torch.Tensor:
+        """The training loss of `network` on a batch drawn with `generator`."""
         tc = self.tc
-        lr = learning_rate(step, tc)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        index = torch.randint(0, len(self.images), (tc.batch_size,), generator=self.generator, device=self.device)
+        index = torch.randint(0, len(self.images), (tc.batch_size,), generator=generator, device=self.device)
         with autocast(self.device, tc.precision):
-            loss = training_loss(self.network, self.schedule, self.images[index], self.generator,
+            return training_loss(network, self.schedule, self.images[index], generator,
                                  labels=None if self.labels is None else self.labels[index],
                                  cond_drop_prob=tc.cond_drop_prob, loss_weighting=tc.loss_weighting,
                                  prediction=self.model.prediction, num_classes=self.model.num_classes)
+
+    def warm_up(self, network) -> None:
+        """torch.compile's first call, as the training step makes it (batch shape, grad mode,
+        autocast, backward: a DDP model owes one), on a batch of its own stream."""
+        self.loss(network, torch.Generator(self.device).manual_seed(0)).backward()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def __call__(self, step: int) -> None:
+        self.lr = learning_rate(step, self.tc, self.lr_rewarm)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+        loss = self.loss(self.network, self.generator)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        if self.scaler.is_enabled():  # fp16: the scaler skips steps whose gradients overflowed
-            bad = ~torch.isfinite(loss)
+        self.scaler.unscale_(self.optimizer)  # fp16: true gradients for the norm (else a no-op)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip or float("inf"))
+        # Non-finite loss or gradients: the step is skipped, as GradScaler skips under fp16.
+        bad = ~torch.isfinite(loss.detach() + grad_norm)
+        if self.scaler.is_enabled():
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf"))
-            bad = ~torch.isfinite(loss.detach() + grad_norm)
             self.optimizer.found_inf = bad.float()  # fused AdamW leaves the weights as they were
             self.optimizer.step()
         if self.ema:
@@ -107,6 +128,13 @@ class TrainStep:
         applied.add_((~bad).float())
         first.copy_(torch.where(bad & (skipped == 0), float(step), first))
         skipped.add_(bad.float())
+
+    def random_states(self) -> dict:
+        """This rank's random states: its training stream and torch's global generators."""
+        states = {"train": self.generator.get_state(), "torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            states["cuda"] = torch.cuda.get_rng_state(self.device)
+        return states
 
     def read_stats(self, reset_loss: bool, stop_requested: bool = False) -> tuple[float, int, int, bool]:
         """(mean loss of the applied steps since the last reset, over all ranks; skipped steps in
@@ -137,17 +165,22 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
              + (f", {runtime.world_size()} processes" if runtime.world_size() > 1 else "") + ")")
     started = time.perf_counter()
 
-    random.seed(tc.seed)
-    train_data, eval_data = load_data(cfg.data)
+    use_fast_math(device)
+    with runtime.main_process_first():  # rank 0 downloads, the others then read its files
+        train_data, eval_data = load_data(cfg.data)
     trainer = TrainStep(cfg, device, train_data)
     model, ema, schedule = trainer.model, trainer.ema, trainer.schedule
     sampling_model = ema.model if ema else model  # what evaluation, grids and quality look at
     start_step = 0
     if state is not None:
         start_step = checkpoint.restore(state, trainer)
-        if main_rank:
-            checkpoint.keep_metrics_until(run_dir / "metrics.jsonl", start_step)
-        log.info(f"resuming {cfg.resume} from step {start_step}")
+        trainer.lr_rewarm = rewarm_after_resume(state, tc)
+        origin = checkpoint.run_dir_of(cfg.resume)
+        if main_rank:  # the metrics up to the checkpoint, once each
+            checkpoint.continue_metrics(origin / "metrics.jsonl", run_dir / "metrics.jsonl", start_step)
+        log.info(f"resuming {cfg.resume} from step {start_step}" + (
+            "" if checkpoint.same_dir(origin, run_dir) else
+            f" in a new run dir: {origin} is left as it is"))
     evaluator = Evaluator(eval_data.head(tc.num_eval_images), schedule, tc.batch_size, tc.seed)
     log.info(f"model {cfg.model.kind}: {sum(p.numel() for p in model.parameters()):,} parameters; "
              f"{len(trainer.images):,} training images of shape {tuple(trainer.images.shape[1:])}")
@@ -181,7 +214,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                     skipped_logged = skipped
             if log_due:
                 steps_done, elapsed = step - logged_step, time.perf_counter() - interval_start
-                record.update(loss=loss, lr=learning_rate(step, tc),
+                record.update(loss=loss, lr=trainer.lr,
                               images_per_s=steps_done * tc.batch_size * runtime.world_size() / elapsed)
                 logged_step, interval_start = step, time.perf_counter()
                 progress.set_postfix(loss=f"{loss:.4f}")
@@ -190,13 +223,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 evaluate(record, step, sampling_model, schedule, evaluator, cfg, run_dir, eval_data)
                 log_record(record, step, metrics_file, result, run_dir)
             if checkpoint_due or stopping:
-                # Every rank's random streams, gathered (a collective); rank 0 writes.
-                rng = {"torch": torch.get_rng_state(), "train": trainer.generator.get_state(),
-                       "python": random.getstate()}
-                if runtime.world_size() > 1:
-                    rng["train_ranks"] = runtime.gather(trainer.generator.get_state())
-                if torch.cuda.is_available():
-                    rng["cuda"] = torch.cuda.get_rng_state_all()
+                # Every rank's random states, gathered (a collective); rank 0 writes.
+                rng = {"device_type": device.type, "ranks": runtime.gather(trainer.random_states())}
                 if main_rank:
                     checkpoint.save_training(trainer, cfg, step, run_dir, rng)
             if stopping:
@@ -220,6 +248,17 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     if quality_line:
         log.info(f"quality ({tc.num_quality_images} images, DDIM {QUALITY_SAMPLER.steps} steps): {quality_line}")
     return result
+
+
+def rewarm_after_resume(state: dict, tc: DictConfig) -> tuple[int, float] | None:
+    """Where the learning rate re-warms from after this resume: the checkpoint's own re-warm, or,
+    when the new trainer.max_steps moves the curve at the resume step, (that step, the rate the
+    run had there)."""
+    step, rewarm = state["step"], state.get("lr_rewarm")
+    before = learning_rate(step, OmegaConf.create(state["config"]).trainer, rewarm)
+    if before != learning_rate(step, tc, rewarm):
+        return step, before
+    return None if rewarm is None else tuple(rewarm)
 
 
 def log_record(record: dict, step: int, metrics_file, result: dict, run_dir: Path) -> None:

@@ -29,8 +29,10 @@ def test_two_processes_share_one_run_dir_and_resume_exactly(tmp_path):
     assert {p.name for p in run_dir.iterdir()} >= {"checkpoints", "samples", "metrics.jsonl", "result.json",
                                                     "train.log", "train_rank1.log", ".hydra"}
     state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
-    assert state["step"] == 6 and len(state["rng"]["train_ranks"]) == 2
-    assert not torch.equal(*state["rng"]["train_ranks"])  # each rank has its own stream
+    ranks = state["rng"]["ranks"]
+    assert state["step"] == 6 and len(ranks) == 2
+    assert not torch.equal(ranks[0]["train"], ranks[1]["train"])  # each rank has its own stream
+    assert not torch.equal(ranks[0]["torch"], ranks[1]["torch"])  # and its own dropout generator
     steps = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(steps) == 4  # logged at steps 2, 3 (eval), 4, 6 by rank 0 alone
 
@@ -50,3 +52,30 @@ def test_a_resume_on_another_number_of_processes_is_refused(tmp_path):
                             cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 2 and "torchrun --nproc-per-node 2" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _first_in_turn(rank: int, init_file: str, log_file: str) -> None:
+    """A torchrun-like process: rank 0 takes a while inside main_process_first."""
+    import os
+    import time
+
+    import torch.distributed as dist
+
+    from diffusion_cli import runtime
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2")
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    with runtime.main_process_first():
+        if rank == 0:
+            time.sleep(1.0)
+        with open(log_file, "a") as file:
+            file.write(f"{rank}\n")
+    dist.destroy_process_group()
+
+
+def test_rank_zero_downloads_first_and_the_others_wait(tmp_path):
+    import torch.multiprocessing as mp
+
+    log_file = tmp_path / "order"
+    mp.spawn(_first_in_turn, args=(str(tmp_path / "init"), str(log_file)), nprocs=2)
+    assert log_file.read_text().split() == ["0", "1"]

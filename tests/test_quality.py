@@ -42,3 +42,17 @@ def test_the_classifier_learns_mnist_and_the_metrics_tell_real_from_broken(mnist
     collapsed = mnist_quality(ones, classifier, entry)
     assert collapsed["class_entropy"] < 1.0  # one digit only: the mode-collapse alarm
     assert collapsed["classifier_fd"] > real["classifier_fd"]
+
+
+def test_training_the_classifier_leaves_the_global_random_state_alone(monkeypatch):
+    """It may be trained inside a training run (its first quality measurement), whose resume
+    must stay exact."""
+    from diffusion_cli import classifier
+
+    fake = (torch.rand(64, 1, 28, 28), torch.arange(64) % 10)
+    monkeypatch.setattr(classifier, "load_mnist", lambda root, download, train: fake)
+    before = torch.get_rng_state()
+    first = classifier.train_classifier("unused", False, steps=2)
+    assert torch.equal(torch.get_rng_state(), before)
+    second = classifier.train_classifier("unused", False, steps=2)
+    assert all(torch.equal(first["model"][k], second["model"][k]) for k in first["model"])  # still seeded

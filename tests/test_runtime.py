@@ -3,23 +3,29 @@ benchmark script."""
 
 import json
 import logging
+import math
 import subprocess
 
 import pytest
 import torch
 from hydra import compose, initialize_config_module
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import TINY_TRAIN, run_cli, script
 from diffusion_cli import runtime
 from diffusion_cli.data import Split
+from diffusion_cli.errors import UserError
 from diffusion_cli.train import TrainStep
 
 
 def tiny_config(*overrides: str):
     from diffusion_cli import config  # noqa: F401 (registers the schemas)
 
+    tiny = TINY_TRAIN
+    if any(override.startswith("model=") for override in overrides):  # the MLP's keys would not fit
+        tiny = [arg for arg in TINY_TRAIN if not arg.startswith("model.")]
     with initialize_config_module("diffusion_cli.conf", version_base="1.3"):
-        return compose("train", overrides=[*TINY_TRAIN, *overrides])
+        return compose("train", overrides=[*tiny, *overrides])
 
 
 def test_a_non_finite_step_is_skipped_on_the_device_and_counted():
@@ -41,6 +47,102 @@ def test_a_non_finite_step_is_skipped_on_the_device_and_counted():
     assert (skipped, first, stop) == (2, 2, False) and loss > 0  # the mean covers the one applied step
 
 
+class HostReads(TorchDispatchMode):
+    """Counts device-to-host reads (a tensor's value to a Python number: .item(), bool(t), a
+    tensor used as a Scalar), which on a GPU each wait for the device."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("overrides", [[], ["trainer.grad_clip=1.0"], ["model=unet", "model.base_channels=8"]])
+def test_the_training_step_never_reads_a_value_back_to_the_host(overrides):
+    cfg = tiny_config(*overrides)
+    step = TrainStep(cfg, torch.device("cpu"), Split(torch.rand(64, 3, 16, 16) * 2 - 1, None))
+    step(1)  # the optimizer's lazy state
+    with HostReads() as reads:
+        for n in range(2, 5):
+            step(n)
+    assert reads.count == 0
+    if torch.cuda.is_available():  # the same check where a sync really costs
+        cuda_step = TrainStep(cfg, torch.device("cuda"), Split(torch.rand(64, 3, 16, 16) * 2 - 1, None))
+        cuda_step(1)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            cuda_step(2)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+def test_grad_clip_bounds_the_gradient_norm():
+    images = Split(torch.rand(64, 3, 16, 16) * 2 - 1, None)
+    norms = {}
+    for clip in (0.0, 1e-3):
+        step = TrainStep(tiny_config(f"trainer.grad_clip={clip}"), torch.device("cpu"), images)
+        step(1)  # the gradients stay on the parameters until the next step
+        norms[clip] = torch.cat([p.grad.flatten() for p in step.model.parameters()]).norm().item()
+    assert norms[0.0] > 1e-2 and norms[1e-3] <= 1e-3 * 1.001
+
+
+def test_fp16_steps_the_scaler_skips_are_counted_and_kept_out_of_the_ema():
+    step = TrainStep(tiny_config("trainer.precision=fp16"), torch.device("cpu"),
+                     Split(torch.rand(64, 3, 16, 16) * 2 - 1, None))
+    step.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 120)  # fp16 gradients overflow
+    weights = {k: v.clone() for k, v in step.model.state_dict().items()}
+    ema = {k: v.clone() for k, v in step.ema.model.state_dict().items()}
+    step(1)
+    assert all(torch.equal(v, weights[k]) for k, v in step.model.state_dict().items())
+    assert all(torch.equal(v, ema[k]) for k, v in step.ema.model.state_dict().items())
+    loss, skipped, first, _ = step.read_stats(reset_loss=True)
+    assert (skipped, first) == (1, 1) and math.isnan(loss)  # no applied step to average
+    assert step.scaler.get_scale() < 2.0 ** 120  # the scaler backed off
+
+
+def test_ranks_start_from_the_same_weights_but_draw_their_own_dropout(monkeypatch):
+    cfg = tiny_config()
+    images = Split(torch.rand(64, 3, 16, 16) * 2 - 1, None)
+    weights, global_states = [], []
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        step = TrainStep(cfg, torch.device("cpu"), images)
+        weights.append(step.model.state_dict())
+        global_states.append(torch.get_rng_state())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not torch.equal(*global_states)
+
+
+def test_an_explicit_gpu_index_under_torchrun_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(UserError, match="LOCAL_RANK") as error:
+        runtime.resolve_device("cuda:0", key="trainer.device")
+    assert "trainer.device=cuda" in str(error.value)
+    assert runtime.resolve_device("cuda", key="trainer.device") == torch.device("cuda", 1)
+
+
+def test_tf32_and_cudnn_autotuning_are_on_for_a_gpu_only():
+    flags = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+             torch.backends.cuda.matmul.allow_tf32)
+    try:
+        torch.backends.cudnn.benchmark = torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        runtime.use_fast_math(torch.device("cpu"))
+        assert not torch.backends.cudnn.benchmark and not torch.backends.cuda.matmul.allow_tf32
+        runtime.use_fast_math(torch.device("cuda", 0))
+        assert torch.backends.cudnn.benchmark and torch.backends.cudnn.allow_tf32
+        assert torch.backends.cuda.matmul.allow_tf32
+    finally:
+        (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+         torch.backends.cuda.matmul.allow_tf32) = flags
+
+
 def test_compile_falls_back_with_one_warning_where_it_cannot_work(monkeypatch, caplog):
     def broken(model):
         def call(*args):
@@ -49,9 +151,25 @@ def test_compile_falls_back_with_one_warning_where_it_cannot_work(monkeypatch, c
     monkeypatch.setattr(torch, "compile", broken)
     model = torch.nn.Linear(2, 2)
     with caplog.at_level(logging.WARNING):
-        assert runtime.compiled(model, True, (torch.zeros(1, 2),), "trainer.compile") is model
+        assert runtime.compiled(model, True, lambda network: network(torch.zeros(1, 2)),
+                                "trainer.compile") is model
     assert "torch.compile does not work here (Compiler: cc not found)" in caplog.text
     assert "trainer.compile=false" in caplog.text
+
+
+@pytest.mark.slow
+def test_the_compiled_training_step_compiles_once():
+    """The warm-up call is the training step's own (batch shape, grad mode, autocast), so the
+    steps after it never recompile."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    step = TrainStep(tiny_config("trainer.compile=true"), torch.device("cpu"),
+                     Split(torch.rand(64, 3, 16, 16) * 2 - 1, None))
+    assert step.network is not step.model  # compiled here (a C compiler is on the test machines)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for n in range(1, 4):
+            step(n)
 
 
 @pytest.mark.slow

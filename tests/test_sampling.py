@@ -167,3 +167,45 @@ def test_cosine_schedule_matches_diffusers_squaredcos():
     torch.testing.assert_close(s.betas, reference.betas)
     torch.testing.assert_close(s.alpha_bars, reference.alphas_cumprod, atol=1e-6, rtol=1e-5)
     assert s.betas.max().item() == pytest.approx(0.999)
+
+
+class TimestepRecorder(torch.nn.Module):
+    """eps = 0, recording the timesteps it is asked at; no parameters."""
+    prediction, num_classes = "eps", 0
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x, t, labels=None):
+        self.seen.append(t[0].item())
+        return torch.zeros_like(x)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 20])
+def test_respaced_ddpm_starts_at_the_last_timestep_for_any_number_of_steps(steps):
+    """One step used to keep only t = 0: the model saw pure noise labelled as clean and returned it."""
+    s, model = NoiseSchedule(T=20), TimestepRecorder()
+    respaced = s.respaced(steps)
+    assert respaced.T == steps and respaced.timesteps[-1].item() == 19
+    x_T = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    x = sample(model, s, x_T.shape, steps=steps, x_T=x_T)  # no parameters: the schedule's device
+    assert model.seen[0] == 19 and len(model.seen) == steps
+    if steps == 1:  # the x0 estimate at T-1 from eps = 0: x_T / sqrt(alpha_bar), clipped
+        torch.testing.assert_close(x, (x_T / s.sqrt_alpha_bars[19]).clamp(-1, 1))
+
+
+def test_sample_images_never_draws_more_than_a_batch_of_noise(monkeypatch):
+    from omegaconf import OmegaConf
+    from diffusion_cli.sampling import sample_images
+    largest, randn = [0], torch.randn
+
+    def recording(*args, **kwargs):
+        out = randn(*args, **kwargs)
+        largest[0] = max(largest[0], out.numel())
+        return out
+    monkeypatch.setattr(torch, "randn", recording)
+    cfg = OmegaConf.create(dict(kind="ddpm", steps=5, clip_x0=True))
+    images = sample_images(tiny_model(shape=(1, 3, 5)), NoiseSchedule(T=10), cfg, (50, 1, 3, 5),
+                           batch_size=8, seed=0)
+    assert images.shape == (50, 1, 3, 5) and largest[0] <= 8 * 15
