@@ -185,6 +185,8 @@ def resumed_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, d
     validates the result."""
     state = read(cfg.resume, key="resume")
     saved = OmegaConf.create(state["config"])
+    for key, value in cfg.trainer.items():  # trainer keys newer than the checkpoint: the defaults
+        saved.trainer.setdefault(key, value)
     for override in overrides:
         key = override.partition("=")[0].lstrip("+~")
         if key == "resume" or key.startswith("hydra."):
@@ -206,8 +208,9 @@ def run_dir_of(path: str | Path) -> Path:
     return path.parent.parent if path.suffix == ".pt" else path
 
 
-def same_dir(a: str | Path, b: str | Path) -> bool:
-    return Path(a).resolve() == Path(b).resolve()
+def continues_in_place(resume: str | Path, run_dir: str | Path) -> bool:
+    """Whether resume= goes on in run_dir as the same run: its latest state, in its own dir."""
+    return Path(run_dir_of(resume)).resolve() == Path(run_dir).resolve() and is_latest(resume)
 
 
 def step_of(path: Path) -> int:

@@ -73,8 +73,10 @@ class Callbacks(Callback):
         share_run_dir(config)
         run_dir = Path(config.hydra.run.dir)
         resume = config.get("resume")
-        if resume is None or not checkpoint.same_dir(checkpoint.run_dir_of(resume), run_dir):
-            problem = claim(run_dir, config.overwrite, "resume" in config) if runtime.is_main() else None
+        if resume is None or not checkpoint.continues_in_place(resume, run_dir):
+            reads = resume or config.get("ckpt")
+            problem = claim(run_dir, config.overwrite, "resume" in config, reads) \
+                if runtime.is_main() else None
             problem = runtime.broadcast(problem)  # every rank stops, or none
             if problem:
                 fail(problem)

@@ -154,7 +154,7 @@ def resume_run_dir(resume: str | None, default: str) -> str:
 
 def resume_output_subdir(resume: str | None, run_dir: str) -> str | None:
     """hydra.output_subdir: a run resumed in its own dir keeps the .hydra/ it has."""
-    if resume is not None and checkpoint.same_dir(checkpoint.run_dir_of(resume), run_dir):
+    if resume is not None and checkpoint.continues_in_place(resume, run_dir):
         return None
     return ".hydra"
 

@@ -63,8 +63,9 @@ def denoising(model, schedule, cfg, path: Path, count: int = 8, columns: int = 1
     sampler = cfg.sampler
     steps = sampler.steps or schedule.T
     labels = torch.arange(count) % model.num_classes if model.num_classes else None
+    generator = torch.Generator(model_device(model, schedule)).manual_seed(cfg.trainer.seed)
     trajectory = sample(model, schedule, (count, *image_shape(cfg.data)), **sampler_options(sampler),
-                        generator=torch.Generator(model_device(model, schedule)).manual_seed(cfg.trainer.seed),
+                        generator=generator,
                         return_all_steps=True, labels=labels).cpu()
     # The timestep each state is the model's input at; the last state is the sample itself.
     inputs = (ddim_timesteps(schedule.T, steps) if sampler.kind == "ddim"

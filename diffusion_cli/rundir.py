@@ -47,12 +47,16 @@ def remove(directory: Path, names: tuple[str, ...]) -> None:
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
-def claim(run_dir: Path, overwrite: bool, resumable: bool) -> str | None:
+def claim(run_dir: Path, overwrite: bool, resumable: bool, reads: str | None = None) -> str | None:
     """Make run_dir free for a new run: None when it is (after removing the run it held, with
-    overwrite), else the one-line reason why not."""
+    overwrite), else the one-line reason why not. `reads`: the checkpoint the new run reads,
+    which it may not write over, overwrite or not."""
     held = held_run(run_dir)
     if held is None:
         return None
+    if reads and Path(reads).resolve().is_relative_to(Path(run_dir).resolve()):
+        return (f"hydra.run.dir={run_dir} holds {held}, which this run reads from ({reads}): "
+                f"choose another hydra.run.dir, or leave it out for a new one")
     if overwrite:
         remove(run_dir, RUN_OUTPUTS)
         return None

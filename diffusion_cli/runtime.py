@@ -159,7 +159,8 @@ def gather(value) -> list:
     return values
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+def all_reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
+    """`tensor` reduced in place over all ranks with op "sum" or "max"."""
     if dist.is_initialized():
-        dist.all_reduce(tensor)
+        dist.all_reduce(tensor, {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
     return tensor

@@ -6,15 +6,15 @@ the weights.
 
 import json
 import logging
-import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import NamedTuple
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -26,6 +26,7 @@ from .data import Split, load_data
 from .ema import EMA
 from .errors import UserError
 from .evaluate import QUALITY_SAMPLER, Evaluator, due, evaluate
+from .lr_schedule import learning_rate, rewarm_after_resume
 from .metrics import QUALITY_KEYS
 from .models import build_model
 from .objectives import training_loss
@@ -34,24 +35,6 @@ from .schedule import NoiseSchedule
 from .stopping import GracefulStop, Stopped
 
 log = logging.getLogger(__name__)
-
-def learning_rate(step: int, tc, rewarm: tuple[int, float] | None = None) -> float:
-    """Linear warm-up to trainer.lr, then constant or a cosine decay to 0 at max_steps. After a
-    resume that moved the curve (a new max_steps), `rewarm` = (the resume step, the rate there):
-    over the next lr_warmup_steps the rate moves linearly from there to the new curve, so it
-    never jumps."""
-    if step <= tc.lr_warmup_steps:
-        planned = tc.lr * step / tc.lr_warmup_steps
-    elif tc.lr_schedule == "constant":
-        planned = tc.lr
-    else:
-        progress = (step - tc.lr_warmup_steps) / max(1, tc.max_steps - tc.lr_warmup_steps)
-        planned = tc.lr * 0.5 * (1 + math.cos(math.pi * progress))
-    if rewarm is None or step >= rewarm[0] + tc.lr_warmup_steps:
-        return planned
-    start, start_lr = rewarm
-    return start_lr + (planned - start_lr) * (step - start) / tc.lr_warmup_steps
-
 
 class TrainStep:
     """One optimizer step on a batch drawn by index from the in-memory training set on the device,
@@ -85,8 +68,9 @@ class TrainStep:
         if runtime.world_size() > 1:  # gradients all-reduced in backward
             network = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.network = compiled(network, tc.compile, self.warm_up, "trainer.compile")
-        # Sum of the losses of applied steps, applied steps, skipped steps, first skipped step.
-        self.stats = torch.zeros(4, device=device)
+        # Sum of the losses of applied steps, applied steps, skipped steps, fp16 overflow
+        # skips, first skipped step.
+        self.stats = torch.zeros(5, device=device)
 
     def loss(self, network, generator: torch.Generator) -> torch.Tensor:
         """The training loss of `network` on a batch drawn with `generator`."""
@@ -113,19 +97,22 @@ class TrainStep:
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)  # fp16: true gradients for the norm (else a no-op)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip or float("inf"))
-        # Non-finite loss or gradients: the step is skipped, as GradScaler skips under fp16.
-        bad = ~torch.isfinite(loss.detach() + grad_norm)
-        if self.scaler.is_enabled():
+        applied = torch.isfinite(loss.detach() + grad_norm)  # else the step is skipped
+        if self.scaler.is_enabled():  # GradScaler skips the same steps
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            self.optimizer.found_inf = bad.float()  # fused AdamW leaves the weights as they were
+            self.optimizer.found_inf = (~applied).float()  # fused AdamW leaves the weights as they were
             self.optimizer.step()
         if self.ema:
-            self.ema.update(self.model, step, weight=(~bad).float())
-        loss_sum, applied, skipped, first = self.stats.unbind()
-        loss_sum.add_(torch.where(bad, 0.0, loss.detach().float()))
-        applied.add_((~bad).float())
+            self.ema.update(self.model, step, weight=applied.float())
+        # What stops a run: a non-finite loss, or non-finite gradients outside fp16. Under fp16
+        # GradScaler's overflow skips are routine (it lowers its scale and goes on): counted apart.
+        bad = ~torch.isfinite(loss.detach()) if self.scaler.is_enabled() else ~applied
+        loss_sum, applied_steps, skipped, overflows, first = self.stats.unbind()
+        loss_sum.add_(torch.where(applied, loss.detach().float(), 0.0))
+        applied_steps.add_(applied.float())
+        overflows.add_((~applied & ~bad).float())
         first.copy_(torch.where(bad & (skipped == 0), float(step), first))
         skipped.add_(bad.float())
 
@@ -136,18 +123,27 @@ class TrainStep:
             states["cuda"] = torch.cuda.get_rng_state(self.device)
         return states
 
-    def read_stats(self, reset_loss: bool, stop_requested: bool = False) -> tuple[float, int, int, bool]:
-        """(mean loss of the applied steps since the last reset, over all ranks; skipped steps in
-        the whole run; the first skipped step; whether any rank was asked to stop). A host sync
-        (and under torchrun a collective): the loop calls it at log and checkpoint steps only.
-        The skip counts need no reduction: the gradients are all-reduced, so every rank skips
-        the same steps."""
-        loss_sum, applied, skipped, first = self.stats.tolist()
-        shared = torch.tensor([loss_sum, applied, float(stop_requested)], device=self.device)
-        loss_sum, applied, stops = runtime.all_reduce_sum(shared).tolist()
+    def read_stats(self, reset_loss: bool, stop_requested: bool = False) -> "Stats":
+        """The loss and skip counts since the start (the loss since the last reset), over all
+        ranks. A host sync (and under torchrun two small collectives): the loop calls it at log
+        and checkpoint steps only. Counts and the stop vote are maxed over ranks, so every rank
+        takes the same decision."""
+        sums = runtime.all_reduce(self.stats[:2].clone(), "sum")
+        vote = torch.tensor([float(stop_requested)], device=self.device)
+        counts = runtime.all_reduce(torch.cat([self.stats[2:], vote]), "max")
+        (loss_sum, applied), (skipped, overflows, first, stops) = sums.tolist(), counts.tolist()
         if reset_loss:
             self.stats[:2].zero_()
-        return loss_sum / applied if applied else float("nan"), round(skipped), round(first), stops > 0
+        return Stats(loss_sum / applied if applied else float("nan"), round(skipped), round(first),
+                     round(overflows), stops > 0)
+
+
+class Stats(NamedTuple):
+    loss: float           # mean loss of the applied steps since the last reset
+    skipped: int          # steps skipped for a non-finite loss (or gradients, outside fp16)
+    first_skipped: int    # the first of them (0: none)
+    overflows: int        # fp16: steps GradScaler skipped for overflowing gradients
+    stop: bool            # whether any rank was asked to stop
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
@@ -179,7 +175,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         if main_rank:  # the metrics up to the checkpoint, once each
             checkpoint.continue_metrics(origin / "metrics.jsonl", run_dir / "metrics.jsonl", start_step)
         log.info(f"resuming {cfg.resume} from step {start_step}" + (
-            "" if checkpoint.same_dir(origin, run_dir) else
+            "" if checkpoint.continues_in_place(cfg.resume, run_dir) else
             f" in a new run dir: {origin} is left as it is"))
     evaluator = Evaluator(eval_data.head(tc.num_eval_images), schedule, tc.batch_size, tc.seed)
     log.info(f"model {cfg.model.kind}: {sum(p.numel() for p in model.parameters()):,} parameters; "
@@ -203,11 +199,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             checkpoint_due = due(step, tc.checkpoint_every, tc.max_steps)
             if log_due or checkpoint_due or stopping:
                 # The loop's only host sync.
-                loss, skipped, first_skipped, stop_votes = trainer.read_stats(
-                    reset_loss=log_due, stop_requested=bool(stop.requested))
-                stopping = stopping or stop_votes
+                stats = trainer.read_stats(reset_loss=log_due, stop_requested=bool(stop.requested))
+                loss, skipped, stopping = stats.loss, stats.skipped, stopping or stats.stop
                 if skipped > skipped_logged:
-                    check_nonfinite(first_skipped, skipped, cfg, run_dir)
+                    check_nonfinite(stats.first_skipped, skipped, cfg, run_dir)
                     log.warning(f"step {step}: {skipped - skipped_logged} more non-finite loss or "
                                 f"gradient, update skipped ({skipped} of "
                                 f"trainer.max_nonfinite_skips={tc.max_nonfinite_skips})")
@@ -216,6 +211,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 steps_done, elapsed = step - logged_step, time.perf_counter() - interval_start
                 record.update(loss=loss, lr=trainer.lr,
                               images_per_s=steps_done * tc.batch_size * runtime.world_size() / elapsed)
+                if trainer.scaler.is_enabled():
+                    record["fp16_overflow_skips"] = stats.overflows
                 logged_step, interval_start = step, time.perf_counter()
                 progress.set_postfix(loss=f"{loss:.4f}")
             work_started = time.perf_counter()
@@ -248,17 +245,6 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     if quality_line:
         log.info(f"quality ({tc.num_quality_images} images, DDIM {QUALITY_SAMPLER.steps} steps): {quality_line}")
     return result
-
-
-def rewarm_after_resume(state: dict, tc: DictConfig) -> tuple[int, float] | None:
-    """Where the learning rate re-warms from after this resume: the checkpoint's own re-warm, or,
-    when the new trainer.max_steps moves the curve at the resume step, (that step, the rate the
-    run had there)."""
-    step, rewarm = state["step"], state.get("lr_rewarm")
-    before = learning_rate(step, OmegaConf.create(state["config"]).trainer, rewarm)
-    if before != learning_rate(step, tc, rewarm):
-        return step, before
-    return None if rewarm is None else tuple(rewarm)
 
 
 def log_record(record: dict, step: int, metrics_file, result: dict, run_dir: Path) -> None:

@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import TINY_TRAIN, run_in_process
-from diffusion_cli.train import learning_rate
+from diffusion_cli.lr_schedule import learning_rate
 from test_rundir import snapshot, steps_logged
 
 
@@ -28,6 +28,18 @@ def test_resuming_an_older_checkpoint_branches_into_a_new_run_dir(trained_run, t
     state = torch.load(branch / "checkpoints" / "last.pt", weights_only=True)
     assert state["step"] == 5 and state["config"]["resume"] == str(older)  # where it came from
     assert (branch / ".hydra" / "overrides.yaml").is_file()
+
+
+def test_an_older_checkpoint_never_continues_in_its_own_run_dir(trained_run, tmp_path):
+    original = tmp_path / "original"
+    shutil.copytree(trained_run, original)
+    before = snapshot(original)
+    older = original / "checkpoints" / "step_0000003.pt"
+    for extra in ([], ["overwrite=true"]):  # overwrite may not delete what the run reads
+        result = run_in_process("diffusion-train", f"resume={older}", f"hydra.run.dir={original}",
+                                *extra, cwd=tmp_path)
+        assert result.returncode == 2 and "hydra.run.dir" in result.stderr, result.stderr
+    assert snapshot(original) == before
 
 
 def test_resuming_the_latest_checkpoint_continues_in_place(trained_run, tmp_path):
@@ -87,3 +99,19 @@ def test_a_run_from_another_device_type_resumes_with_a_new_stream(trained_run, t
     assert "this run trained on cuda, it resumes on cpu" in result.stdout + result.stderr
     resumed = torch.load(last, weights_only=True)
     assert resumed["step"] == 8 and resumed["rng"]["device_type"] == "cpu"
+
+
+def test_a_format_1_checkpoint_still_resumes(trained_run, tmp_path):
+    """Written before per-rank random states and trainer.grad_clip existed."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    last = run_dir / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    [mine] = state["rng"]["ranks"]
+    del state["config"]["trainer"]["grad_clip"]
+    state.update(format_version=1, rng={"torch": mine["torch"], "train": mine["train"],
+                                        "python": (3, (0,) * 625, None)})
+    torch.save(state, last)
+    result = run_in_process("diffusion-train", f"resume={run_dir}", "trainer.max_steps=8", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert torch.load(last, weights_only=True)["step"] == 8

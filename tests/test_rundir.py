@@ -19,8 +19,8 @@ def test_a_new_run_refuses_a_dir_that_holds_a_run_and_overwrite_replaces_it(trai
     run_dir = tmp_path / "run"
     shutil.copytree(trained_run, run_dir)
     before = snapshot(run_dir)
-    result = run_in_process("diffusion-train", *TINY_TRAIN, "trainer.max_steps=2", f"hydra.run.dir={run_dir}",
-                            cwd=tmp_path)
+    result = run_in_process("diffusion-train", *TINY_TRAIN, "trainer.max_steps=2",
+                            f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert "already holds a run at step 6" in line and f"resume={run_dir}" in line and "overwrite=true" in line
@@ -54,3 +54,13 @@ def test_a_sweep_refuses_a_sweep_dir_that_holds_runs(trained_run, tmp_path):
                             f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert result.returncode == 2 and "already holds a sweep of 1 run(s)" in result.stderr
     assert snapshot(sweep) == before
+
+
+def test_overwrite_never_deletes_the_checkpoint_it_samples_from(trained_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    before = snapshot(run_dir)
+    result = run_in_process("diffusion-sample", f"ckpt={run_dir}", "overwrite=true",
+                            f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 2 and "which this run reads from" in result.stderr
+    assert snapshot(run_dir) == before

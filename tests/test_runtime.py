@@ -43,8 +43,9 @@ def test_a_non_finite_step_is_skipped_on_the_device_and_counted():
     for key, value in step.ema.model.state_dict().items():
         assert torch.equal(value, ema[key]), key
     assert all(state["step"].item() == 1 for state in step.optimizer.state.values())
-    loss, skipped, first, stop = step.read_stats(reset_loss=True)
-    assert (skipped, first, stop) == (2, 2, False) and loss > 0  # the mean covers the one applied step
+    stats = step.read_stats(reset_loss=True)
+    assert (stats.skipped, stats.first_skipped, stats.stop) == (2, 2, False)
+    assert stats.loss > 0  # the mean covers the one applied step
 
 
 class HostReads(TorchDispatchMode):
@@ -61,7 +62,8 @@ class HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("overrides", [[], ["trainer.grad_clip=1.0"], ["model=unet", "model.base_channels=8"]])
+@pytest.mark.parametrize("overrides", [[], ["trainer.grad_clip=1.0"],
+                                       ["model=unet", "model.base_channels=8"]])
 def test_the_training_step_never_reads_a_value_back_to_the_host(overrides):
     cfg = tiny_config(*overrides)
     step = TrainStep(cfg, torch.device("cpu"), Split(torch.rand(64, 3, 16, 16) * 2 - 1, None))
@@ -90,7 +92,7 @@ def test_grad_clip_bounds_the_gradient_norm():
     assert norms[0.0] > 1e-2 and norms[1e-3] <= 1e-3 * 1.001
 
 
-def test_fp16_steps_the_scaler_skips_are_counted_and_kept_out_of_the_ema():
+def test_fp16_overflow_skips_are_counted_apart_and_kept_out_of_the_ema_and_loss():
     step = TrainStep(tiny_config("trainer.precision=fp16"), torch.device("cpu"),
                      Split(torch.rand(64, 3, 16, 16) * 2 - 1, None))
     step.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 120)  # fp16 gradients overflow
@@ -99,8 +101,9 @@ def test_fp16_steps_the_scaler_skips_are_counted_and_kept_out_of_the_ema():
     step(1)
     assert all(torch.equal(v, weights[k]) for k, v in step.model.state_dict().items())
     assert all(torch.equal(v, ema[k]) for k, v in step.ema.model.state_dict().items())
-    loss, skipped, first, _ = step.read_stats(reset_loss=True)
-    assert (skipped, first) == (1, 1) and math.isnan(loss)  # no applied step to average
+    stats = step.read_stats(reset_loss=True)
+    assert stats.overflows == 1 and math.isnan(stats.loss)  # no applied step to average
+    assert stats.skipped == 0  # routine under fp16: no reason to stop the run
     assert step.scaler.get_scale() < 2.0 ** 120  # the scaler backed off
 
 
