@@ -86,7 +86,8 @@ def compiled(model: nn.Module, enabled: bool, warm_up: Callable[[nn.Module], obj
         return model
     network = torch.compile(model)
     try:
-        with torch.random.fork_rng(devices=[]):  # warm-up draws (dropout) leave no trace
+        gpus = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=gpus):  # its draws (dropout) leave no trace
             warm_up(network)
     except Exception as error:  # Dynamo/Inductor raise many kinds; any of them means "can't"
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
