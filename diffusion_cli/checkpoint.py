@@ -210,7 +210,7 @@ def run_dir_of(path: str | Path) -> Path:
 
 def continues_in_place(resume: str | Path, run_dir: str | Path) -> bool:
     """Whether resume= goes on in run_dir as the same run: its latest state, in its own dir."""
-    return Path(run_dir_of(resume)).resolve() == Path(run_dir).resolve() and is_latest(resume)
+    return run_dir_of(resume).resolve() == Path(run_dir).resolve() and is_latest(resume)
 
 
 def step_of(path: Path) -> int:

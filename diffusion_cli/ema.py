@@ -18,16 +18,13 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module, step: int, weight: torch.Tensor | None = None) -> None:
         """`weight` (a 0-dim tensor on the device, 0 or 1) turns the update off without a host
-        sync: the training step passes 0 for a skipped step. ema += rate (weights - ema) through
-        the foreach Tensor overloads: a tensor given to _foreach_lerp_ would take its Scalar
-        overload and be read back to the host."""
+        sync: the training step passes 0 for a skipped step. ema += rate (weights - ema) with
+        sub, mul and add, whose multiply has a Tensor overload: a tensor given to _foreach_lerp_
+        would take its Scalar overload and be read back to the host."""
         rate = 1 - min(self.decay, (1 + step) / (10 + step))
-        averages, weights = list(self.model.parameters()), list(model.parameters())
-        if weight is None:
-            torch._foreach_lerp_(averages, weights, rate)
-        else:
-            delta = torch._foreach_sub(weights, averages)
-            torch._foreach_mul_(delta, weight * rate)
-            torch._foreach_add_(averages, delta)
+        averages = list(self.model.parameters())
+        delta = torch._foreach_sub(list(model.parameters()), averages)
+        torch._foreach_mul_(delta, rate if weight is None else weight * rate)
+        torch._foreach_add_(averages, delta)
         for average, buffer in zip(self.model.buffers(), model.buffers()):
             average.copy_(buffer)

@@ -44,7 +44,10 @@ def held_sweep(sweep_dir: Path) -> str | None:
 def remove(directory: Path, names: tuple[str, ...]) -> None:
     for pattern in names:
         for path in directory.glob(pattern):
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
 
 def claim(run_dir: Path, overwrite: bool, resumable: bool, reads: str | None = None) -> str | None:

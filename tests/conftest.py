@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -23,6 +24,25 @@ TINY_TRAIN = [
     "trainer.eval_every=3", "trainer.sample_every=3", "trainer.checkpoint_every=3",
     "trainer.num_eval_images=32", "trainer.num_grid_images=4", "trainer.device=cpu",
 ]
+
+
+def snapshot(directory: Path) -> dict:
+    """Every file under `directory`: its bytes and modification time (to check nothing changed)."""
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in directory.rglob("*") if p.is_file()}
+
+
+def metric_steps(run_dir: Path) -> list[int]:
+    """The steps of metrics.jsonl's lines ([] without the file; a line cut off by a kill skipped)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    steps = []
+    for line in path.read_text().splitlines():
+        try:
+            steps.append(json.loads(line)["step"])
+        except ValueError:
+            pass
+    return steps
 
 
 def script(name: str) -> str:

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from conftest import TINY_TRAIN, run_cli, run_in_process
+from conftest import TINY_TRAIN, run_cli, run_in_process, snapshot
 from diffusion_cli import checkpoint
 
 
@@ -161,10 +161,6 @@ def test_a_failing_sweep_job_is_recorded_and_the_others_still_run(tmp_path):
     rows = {r["schedule.T"]: r for r in read_summary(sweep_dir)}
     assert rows["0"]["status"] == "failed" and "schedule.T" in rows["0"]["error"]
     assert rows["10"]["status"] == "ok"
-
-
-def snapshot(directory):
-    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in directory.rglob("*") if p.is_file()}
 
 
 # Offline for torchvision's download, whatever the machine: every request goes to a closed port.

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_TRAIN, run_cli, script
+from conftest import TINY_TRAIN, metric_steps, run_cli, script
 
 # Big enough that a step and a checkpoint write take measurable time, small enough to stay fast.
 RESUMABLE_RUN = [arg for arg in TINY_TRAIN if not arg.startswith(("model.", "trainer."))] + [
@@ -36,19 +36,6 @@ def wait_for(process: subprocess.Popen, condition, timeout: float = 120) -> bool
             return False
         time.sleep(0.001)
     raise TimeoutError("condition never held")
-
-
-def metric_steps(run_dir: Path) -> list[int]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    steps = []
-    for line in path.read_text().splitlines():
-        try:
-            steps.append(json.loads(line)["step"])
-        except ValueError:
-            pass
-    return steps
 
 
 def checkpoint_write_started(run_dir: Path) -> bool:

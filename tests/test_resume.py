@@ -9,9 +9,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import TINY_TRAIN, run_in_process
+from conftest import TINY_TRAIN, metric_steps, run_in_process, snapshot
 from diffusion_cli.lr_schedule import learning_rate
-from test_rundir import snapshot, steps_logged
 
 
 def test_resuming_an_older_checkpoint_branches_into_a_new_run_dir(trained_run, tmp_path):
@@ -24,7 +23,7 @@ def test_resuming_an_older_checkpoint_branches_into_a_new_run_dir(trained_run, t
     assert snapshot(original) == before  # its later checkpoints and metrics are untouched
     [branch] = (tmp_path / "outputs").glob("*/*")
     assert "from step 3 in a new run dir" in result.stdout
-    assert steps_logged(branch) == [2, 3, 4, 5]  # the history up to step 3, then its own steps
+    assert metric_steps(branch) == [2, 3, 4, 5]  # the history up to step 3, then its own steps
     state = torch.load(branch / "checkpoints" / "last.pt", weights_only=True)
     assert state["step"] == 5 and state["config"]["resume"] == str(older)  # where it came from
     assert (branch / ".hydra" / "overrides.yaml").is_file()
@@ -48,7 +47,7 @@ def test_resuming_the_latest_checkpoint_continues_in_place(trained_run, tmp_path
     latest = run_dir / "checkpoints" / "step_0000006.pt"
     result = run_in_process("diffusion-train", f"resume={latest}", "trainer.max_steps=8", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert not (tmp_path / "outputs").exists() and steps_logged(run_dir) == [2, 3, 4, 6, 8]
+    assert not (tmp_path / "outputs").exists() and metric_steps(run_dir) == [2, 3, 4, 6, 8]
 
 
 def lrs(run_dir):

@@ -1,18 +1,9 @@
 """One run per run dir: a new run refuses a dir (or sweep dir) that holds another run, unless
 overwrite=true replaces it."""
 
-import json
 import shutil
 
-from conftest import TINY_TRAIN, run_in_process
-
-
-def snapshot(directory):
-    return {p: p.read_bytes() for p in directory.rglob("*") if p.is_file()}
-
-
-def steps_logged(run_dir):
-    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+from conftest import TINY_TRAIN, metric_steps, run_in_process, snapshot
 
 
 def test_a_new_run_refuses_a_dir_that_holds_a_run_and_overwrite_replaces_it(trained_run, tmp_path):
@@ -30,7 +21,7 @@ def test_a_new_run_refuses_a_dir_that_holds_a_run_and_overwrite_replaces_it(trai
     result = run_in_process("diffusion-train", *TINY_TRAIN, "trainer.max_steps=2", "overwrite=true",
                             f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert steps_logged(run_dir) == [2]  # the new run's metrics only, not appended to the old ones
+    assert metric_steps(run_dir) == [2]  # the new run's metrics only, not appended to the old ones
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.pt"]
     assert (run_dir / "notes.txt").read_text() == "mine"
 

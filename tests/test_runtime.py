@@ -28,20 +28,32 @@ def tiny_config(*overrides: str):
         return compose("train", overrides=[*tiny, *overrides])
 
 
+def random_images() -> Split:
+    """A tiny unlabelled training set of the tiny config's shape."""
+    return Split(torch.rand(64, 3, 16, 16) * 2 - 1, None)
+
+
+def weights_and_ema(step: TrainStep) -> dict:
+    return {f"{part}.{key}": value.clone() for part, model in (("model", step.model), ("ema", step.ema.model))
+            for key, value in model.state_dict().items()}
+
+
+def assert_unchanged(before: dict, after: dict) -> None:
+    """A skipped step left the weights and the EMA as they were, bit for bit."""
+    for key, value in after.items():
+        assert torch.equal(value, before[key]), key
+
+
 def test_a_non_finite_step_is_skipped_on_the_device_and_counted():
     cfg = tiny_config()
     images = torch.rand(64, 3, 16, 16) * 2 - 1
     step = TrainStep(cfg, torch.device("cpu"), Split(images, None))
     step(1)
-    weights = {k: v.clone() for k, v in step.model.state_dict().items()}
-    ema = {k: v.clone() for k, v in step.ema.model.state_dict().items()}
+    before = weights_and_ema(step)
     step.images[:] = float("nan")  # every batch now gives a NaN loss
     step(2)
     step(3)
-    for key, value in step.model.state_dict().items():
-        assert torch.equal(value, weights[key]), key
-    for key, value in step.ema.model.state_dict().items():
-        assert torch.equal(value, ema[key]), key
+    assert_unchanged(before, weights_and_ema(step))
     assert all(state["step"].item() == 1 for state in step.optimizer.state.values())
     stats = step.read_stats(reset_loss=True)
     assert (stats.skipped, stats.first_skipped, stats.stop) == (2, 2, False)
@@ -66,14 +78,14 @@ class HostReads(TorchDispatchMode):
                                        ["model=unet", "model.base_channels=8"]])
 def test_the_training_step_never_reads_a_value_back_to_the_host(overrides):
     cfg = tiny_config(*overrides)
-    step = TrainStep(cfg, torch.device("cpu"), Split(torch.rand(64, 3, 16, 16) * 2 - 1, None))
+    step = TrainStep(cfg, torch.device("cpu"), random_images())
     step(1)  # the optimizer's lazy state
     with HostReads() as reads:
         for n in range(2, 5):
             step(n)
     assert reads.count == 0
     if torch.cuda.is_available():  # the same check where a sync really costs
-        cuda_step = TrainStep(cfg, torch.device("cuda"), Split(torch.rand(64, 3, 16, 16) * 2 - 1, None))
+        cuda_step = TrainStep(cfg, torch.device("cuda"), random_images())
         cuda_step(1)
         torch.cuda.set_sync_debug_mode("error")
         try:
@@ -83,7 +95,7 @@ def test_the_training_step_never_reads_a_value_back_to_the_host(overrides):
 
 
 def test_grad_clip_bounds_the_gradient_norm():
-    images = Split(torch.rand(64, 3, 16, 16) * 2 - 1, None)
+    images = random_images()
     norms = {}
     for clip in (0.0, 1e-3):
         step = TrainStep(tiny_config(f"trainer.grad_clip={clip}"), torch.device("cpu"), images)
@@ -94,13 +106,11 @@ def test_grad_clip_bounds_the_gradient_norm():
 
 def test_fp16_overflow_skips_are_counted_apart_and_kept_out_of_the_ema_and_loss():
     step = TrainStep(tiny_config("trainer.precision=fp16"), torch.device("cpu"),
-                     Split(torch.rand(64, 3, 16, 16) * 2 - 1, None))
+                     random_images())
     step.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 120)  # fp16 gradients overflow
-    weights = {k: v.clone() for k, v in step.model.state_dict().items()}
-    ema = {k: v.clone() for k, v in step.ema.model.state_dict().items()}
+    before = weights_and_ema(step)
     step(1)
-    assert all(torch.equal(v, weights[k]) for k, v in step.model.state_dict().items())
-    assert all(torch.equal(v, ema[k]) for k, v in step.ema.model.state_dict().items())
+    assert_unchanged(before, weights_and_ema(step))
     stats = step.read_stats(reset_loss=True)
     assert stats.overflows == 1 and math.isnan(stats.loss)  # no applied step to average
     assert stats.skipped == 0  # routine under fp16: no reason to stop the run
@@ -109,7 +119,7 @@ def test_fp16_overflow_skips_are_counted_apart_and_kept_out_of_the_ema_and_loss(
 
 def test_ranks_start_from_the_same_weights_but_draw_their_own_dropout(monkeypatch):
     cfg = tiny_config()
-    images = Split(torch.rand(64, 3, 16, 16) * 2 - 1, None)
+    images = random_images()
     weights, global_states = [], []
     for rank in ("0", "1"):
         monkeypatch.setenv("RANK", rank)
@@ -168,7 +178,7 @@ def test_the_compiled_training_step_compiles_once():
 
     torch._dynamo.reset()
     step = TrainStep(tiny_config("trainer.compile=true"), torch.device("cpu"),
-                     Split(torch.rand(64, 3, 16, 16) * 2 - 1, None))
+                     random_images())
     assert step.network is not step.model  # compiled here (a C compiler is on the test machines)
     with torch._dynamo.config.patch(error_on_recompile=True):
         for n in range(1, 4):
