@@ -185,8 +185,9 @@ def resumed_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, d
     validates the result."""
     state = read(cfg.resume, key="resume")
     saved = OmegaConf.create(state["config"])
-    for key, value in cfg.trainer.items():  # trainer keys newer than the checkpoint: the defaults
-        saved.trainer.setdefault(key, value)
+    for group in ("trainer", "data"):  # keys newer than the checkpoint: the defaults
+        for key, value in cfg[group].items():
+            saved[group].setdefault(key, value)
     for override in overrides:
         key = override.partition("=")[0].lstrip("+~")
         if key == "resume" or key.startswith("hydra."):

@@ -7,9 +7,7 @@ this project only.
 """
 
 import logging
-import os
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -17,6 +15,7 @@ from torch.nn import functional as F
 
 from .atomic import atomic_write
 from .data import load_mnist
+from .data.rows import cache_dir
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -43,13 +42,6 @@ class Classifier(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images))
-
-
-def cache_dir() -> Path:
-    """$DIFFUSION_CLI_CACHE, else $XDG_CACHE_HOME/diffusion-cli, else ~/.cache/diffusion-cli."""
-    if os.environ.get("DIFFUSION_CLI_CACHE"):
-        return Path(os.environ["DIFFUSION_CLI_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "diffusion-cli"
 
 
 def train_classifier(root: str, download: bool, steps: int = TRAIN_STEPS) -> dict:

@@ -5,7 +5,7 @@ types, so that Hydra rejects `schedule.T=abc` while composing. Each group file e
 with `- /schema/<group>/<option>@_here_` in its defaults list.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -13,7 +13,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from . import checkpoint
-from .data import DATA_KINDS, NUM_CLASSES
+from .data import DATASETS, class_names
 from .errors import UserError
 from .models import MODELS
 from .runtime import PRECISIONS, resolve_device
@@ -31,6 +31,13 @@ class DataConfig:
     width: int = MISSING
     num_train: int = MISSING
     num_eval: int = MISSING
+    hflip: bool = MISSING
+    in_memory: Any = "auto"        # true | false | auto
+    num_workers: int = 2
+    path: Optional[str] = None     # data=folder
+    image_size: Optional[int] = None
+    labels: str = "none"
+    classes: Optional[List[str]] = None  # set by training from the data: the class names
 
 
 @dataclass
@@ -59,6 +66,16 @@ class ResUNetConfig(ModelConfig):
     num_res_blocks: int = MISSING
     attention: bool = MISSING
     dropout: float = MISSING
+    attention_resolutions: List[int] = field(default_factory=list)
+
+
+@dataclass
+class DiTConfig(ModelConfig):
+    patch_size: int = MISSING
+    width: int = MISSING
+    depth: int = MISSING
+    heads: int = MISSING
+    position: str = MISSING
 
 
 @dataclass
@@ -122,6 +139,7 @@ class SampleConfig:
     guidance_scale: float = MISSING
     use_ema: bool = MISSING
     eval: bool = MISSING
+    save_images: bool = MISSING
     precision: str = MISSING
     compile: bool = MISSING
     overwrite: bool = MISSING
@@ -134,6 +152,7 @@ def register_schemas() -> None:
     store.store(group="schema/model", name="mlp", node=MLPConfig)
     store.store(group="schema/model", name="unet", node=UNetConfig)
     store.store(group="schema/model", name="resunet", node=ResUNetConfig)
+    store.store(group="schema/model", name="dit", node=DiTConfig)
     store.store(group="schema/schedule", name="schedule", node=ScheduleConfig)
     store.store(group="schema/trainer", name="trainer", node=TrainerConfig)
     store.store(group="schema/sampler", name="ddpm", node=SamplerConfig)
@@ -178,7 +197,7 @@ def _one_of(choices):
 
 
 RULES = [
-    ("data.kind", *_one_of(DATA_KINDS)),
+    ("data.kind", *_one_of(tuple(DATASETS))),
     ("model.kind", *_one_of(tuple(MODELS))),
     ("schedule.kind", *_one_of(SCHEDULE_KINDS)),
     ("sampler.kind", *_one_of(SAMPLERS)),
@@ -190,6 +209,10 @@ RULES = [
     ("data.channels", _positive, "an integer >= 1"),
     ("data.height", _positive, "an integer >= 1"),
     ("data.width", _positive, "an integer >= 1"),
+    ("data.image_size", lambda v: v is None or v >= 1, "an integer >= 1, e.g. 32 or 64"),
+    ("data.labels", *_one_of(("none", "subfolders"))),
+    ("data.in_memory", lambda v: v in (True, False, "auto"), "true, false or auto"),
+    ("data.num_workers", _non_negative, "an integer >= 0 (0: read in the training process)"),
     ("model.width", _positive, "an integer >= 1"),
     ("model.depth", _non_negative, "an integer >= 0"),
     ("model.base_channels", _positive, "an integer >= 1"),
@@ -199,6 +222,9 @@ RULES = [
     ("model.channel_mults", lambda v: len(v) >= 1 and min(v) >= 1, "a list of integers >= 1, e.g. [1,2,2]"),
     ("model.num_res_blocks", _positive, "an integer >= 1"),
     ("model.dropout", lambda v: 0 <= v < 1, "a number from 0 to below 1"),
+    ("model.patch_size", _positive, "an integer >= 1 that divides the image height and width"),
+    ("model.heads", _positive, "an integer >= 1 that divides model.width"),
+    ("model.position", *_one_of(("learned", "sinusoidal"))),
     ("trainer.batch_size", _positive, "an integer >= 1"),
     ("trainer.lr", lambda v: v > 0, "a number > 0"),
     ("trainer.lr_warmup_steps", _non_negative, "an integer >= 0"),
@@ -227,7 +253,6 @@ RULES = [
     ("num_samples", _positive, "an integer >= 1"),
     ("batch_size", _positive, "an integer >= 1"),
     ("nrow", _non_negative, "an integer >= 0 (0: a square grid)"),
-    ("label", lambda v: v is None or v == "all" or v.isdigit(), "null, a class index such as 3, or all"),
     ("guidance_scale", _non_negative, "a number >= 0 (1: plain conditional, 0: unconditional)"),
 ]
 
@@ -273,10 +298,12 @@ def check_linear_betas(schedule: DictConfig) -> None:
 
 def check_num_classes(model_cfg: DictConfig, data_cfg: DictConfig) -> None:
     """A class-conditional model needs as many classes as the data's labels have."""
-    available = NUM_CLASSES.get(data_cfg.kind, 0)
-    if model_cfg.num_classes and model_cfg.num_classes != available:
+    if not model_cfg.num_classes:
+        return
+    available = len(data_cfg.classes) if data_cfg.get("classes") else len(class_names(data_cfg))
+    if model_cfg.num_classes != available:
         fix = (f"use model.num_classes={available} (class-conditional) or 0" if available
-               else "use model.num_classes=0, or data=mnist for labels")
+               else "use model.num_classes=0, or labelled data (data=mnist, data.labels=subfolders)")
         raise UserError(f"model.num_classes={model_cfg.num_classes} but data={data_cfg.kind} has "
                         f"{available or 'no'} classes: {fix}")
 

@@ -6,7 +6,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .data import Split
 from .images import save_grid, to_unit
-from .metrics import sample_quality
+from .metrics import quality_metric, sample_quality
 from .models import image_shape
 from .runtime import autocast, eval_mode
 from .sampling import class_rows, sample_images
@@ -83,7 +83,8 @@ def write_grids(model, schedule, cfg, step: int, run_dir, eval_data: Split) -> N
     count = len(labels) if labels is not None else cfg.trainer.num_grid_images
     samples = sample_images(model, schedule, cfg.sampler, (count, *image_shape(cfg.data)),
                             batch_size=cfg.trainer.batch_size, seed=cfg.trainer.seed, labels=labels)
-    save_grid(samples, run_dir / "samples" / f"step_{step:07d}.png", nrow)
+    titles = list(cfg.data.get("classes") or []) if model.num_classes else None
+    save_grid(samples, run_dir / "samples" / f"step_{step:07d}.png", nrow, row_titles=titles)
     shown = eval_data.head(8)
     save_grid(to_unit(reconstructions(model, schedule, shown, cfg.trainer.seed)),
               run_dir / "reconstructions" / f"step_{step:07d}.png", nrow=len(shown.images))
@@ -115,5 +116,5 @@ def evaluate(record: dict, step: int, model, schedule: NoiseSchedule, evaluator:
             record["eval_loss"], record["eval_loss_by_t"] = evaluator.loss(model)
         if due(step, tc.sample_every, tc.max_steps):
             write_grids(model, schedule, cfg, step, run_dir, eval_data)
-        if tc.num_quality_images and due(step, tc.quality_every, tc.max_steps):
+        if tc.num_quality_images and quality_metric(cfg.data) and due(step, tc.quality_every, tc.max_steps):
             record.update(quality(model, schedule, cfg))

@@ -3,7 +3,7 @@
 import torch
 
 from .classifier import load_classifier
-from .data import gradient_grid
+from .data import DATASETS, gradient_grid
 
 # A sample counts as a valid gradient when its residual RMS (in [0, 1] units) is below this.
 VALID_RMS = 0.02
@@ -100,10 +100,25 @@ QUALITY_KEYS = ("rms", "valid_frac", "color_std", "color_ks", "classifier_fd", "
                 "class_entropy", "label_accuracy")
 
 
-def sample_quality(images: torch.Tensor, data_cfg, labels: torch.Tensor | None = None) -> dict[str, float]:
-    """The quality metrics of samples in [0, 1] of the `data` config group's kind; `labels` are the
-    classes a class-conditional model was asked for."""
-    if data_cfg.kind == "gradients":
-        return gradient_quality(images)
+def classifier_quality(images: torch.Tensor, data_cfg, labels: torch.Tensor | None = None) -> dict:
     classifier, reference = load_classifier(data_cfg.root, data_cfg.download)
     return mnist_quality(images, classifier, reference, labels)
+
+
+# The metrics the dataset registry (data.DATASETS) names.
+QUALITY_METRICS = {
+    "gradients": lambda images, data_cfg, labels: gradient_quality(images),
+    "mnist_classifier": classifier_quality,
+}
+
+
+def quality_metric(data_cfg):
+    """The in-project quality metric of the data's kind, or None (FID tools take over: see README)."""
+    return QUALITY_METRICS.get(DATASETS[data_cfg.kind].quality)
+
+
+def sample_quality(images: torch.Tensor, data_cfg, labels: torch.Tensor | None = None) -> dict[str, float]:
+    """The quality metrics of samples in [0, 1] of the `data` config group's kind ({} where it has
+    none); `labels` are the classes a class-conditional model was asked for."""
+    metric = quality_metric(data_cfg)
+    return metric(images, data_cfg, labels) if metric else {}

@@ -14,8 +14,8 @@ from .atomic import atomic_write
 from .cli import console_script, run_task
 from .config import check_sampler_steps
 from .errors import UserError
-from .images import save_grid
-from .metrics import sample_quality
+from .images import save_each, save_grid
+from .metrics import quality_metric, sample_quality
 from .models import image_shape
 from .runtime import autocast, compiled, resolve_device
 from .sampling import class_rows, sample, sample_images
@@ -30,8 +30,13 @@ def sample_from_checkpoint(cfg: DictConfig, run_dir: Path) -> dict:
     device = resolve_device(cfg.device)
     model, schedule, train_cfg = checkpoint.load(cfg.ckpt, device, use_ema=cfg.use_ema)
     check_sampler_steps(cfg.sampler, schedule.T)
+    if cfg.eval and not quality_metric(train_cfg.data):
+        raise UserError(f"eval=true: data={train_cfg.data.kind} has no quality metric in this project; "
+                        f"use save_images=true and compute FID on the images/ folder with an "
+                        f"external tool (clean-fid, torch-fidelity)")
     shape = image_shape(train_cfg.data)
-    labels, nrow = requested_labels(cfg, model.num_classes)
+    classes = list(train_cfg.data.get("classes") or [])
+    labels, nrow = requested_labels(cfg, model.num_classes, classes)
     count = len(labels) if labels is not None else cfg.num_samples
     steps = cfg.sampler.steps or schedule.T
     batch = min(count, cfg.batch_size)
@@ -52,8 +57,13 @@ def sample_from_checkpoint(cfg: DictConfig, run_dir: Path) -> dict:
                                progress=True)
     sampling_s = time.perf_counter() - started
     log.info(f"sampled {count} images in {sampling_s:.1f} s")
-    grid = save_grid(images, run_dir / "samples.png", nrow)
+    titles = [classes[k] if k < len(classes) else str(k) for k in range(model.num_classes)] \
+        if cfg.label == "all" else None
+    grid = save_grid(images, run_dir / "samples.png", nrow, row_titles=titles)
     torch.save(images, run_dir / "samples.pt")
+    if cfg.save_images:
+        save_each(images, run_dir / "images")
+        log.info(f"wrote {count} PNG files to {run_dir / 'images'}")
     metrics = {}
     if cfg.eval or train_cfg.data.kind == "gradients":
         metrics = sample_quality(images, train_cfg.data, labels)
@@ -69,9 +79,10 @@ def sample_from_checkpoint(cfg: DictConfig, run_dir: Path) -> dict:
             "sampling_s": sampling_s}
 
 
-def requested_labels(cfg: DictConfig, num_classes: int) -> tuple[torch.Tensor | None, int]:
+def requested_labels(cfg: DictConfig, num_classes: int, classes: list[str]) -> tuple[torch.Tensor | None, int]:
     """(labels to sample, images per grid row) for `label` and `guidance_scale`: none, num_samples
-    of one class, or for `all` one row per class of ceil(num_samples / num_classes) images."""
+    of one class (by name or index), or for `all` one row per class of
+    ceil(num_samples / num_classes) images."""
     if cfg.label is None:
         if cfg.guidance_scale != 1.0:
             raise UserError(f"guidance_scale={cfg.guidance_scale} needs a label: add label=K or label=all")
@@ -82,9 +93,14 @@ def requested_labels(cfg: DictConfig, num_classes: int) -> tuple[torch.Tensor | 
     if cfg.label == "all":
         per_class = -(-cfg.num_samples // num_classes)
         return class_rows(num_classes, per_class), per_class
-    if int(cfg.label) >= num_classes:
-        raise UserError(f"label={cfg.label} is not a class of this model: use 0 to {num_classes - 1}, or all")
-    return torch.full((cfg.num_samples,), int(cfg.label)), cfg.nrow
+    label = str(cfg.label)
+    if label in classes:
+        return torch.full((cfg.num_samples,), classes.index(label)), cfg.nrow
+    if not label.isdigit() or int(label) >= num_classes:
+        names = f" or a name: {', '.join(classes)}" if classes else ""
+        raise UserError(f"label={cfg.label} is not a class of this model: use 0 to "
+                        f"{num_classes - 1}{names}, or all")
+    return torch.full((cfg.num_samples,), int(label)), cfg.nrow
 
 
 @hydra.main(version_base="1.3", config_path="pkg://diffusion_cli.conf", config_name="sample")

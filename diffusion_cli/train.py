@@ -22,13 +22,14 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from . import checkpoint, plots, runtime
 from .cli import console_script, run_task
 from .config import validate
-from .data import Split, load_data
+from .data import RowFile, Split, class_names, load_data
+from .data.batches import training_batches
 from .ema import EMA
 from .errors import UserError
 from .evaluate import QUALITY_SAMPLER, Evaluator, due, evaluate
 from .lr_schedule import learning_rate, rewarm_after_resume
 from .metrics import QUALITY_KEYS
-from .models import build_model
+from .models import build_model, image_shape
 from .objectives import training_loss
 from .runtime import autocast, compiled, convolutional, resolve_device, use_channels_last, use_fast_math
 from .schedule import NoiseSchedule
@@ -37,8 +38,8 @@ from .stopping import GracefulStop, Stopped
 log = logging.getLogger(__name__)
 
 class TrainStep:
-    """One optimizer step on a batch drawn by index from the in-memory training set on the device,
-    without a single host sync: a step with a non-finite loss or gradient is skipped on the device
+    """One optimizer step on a batch (data/batches.py: by index from the training set on the
+    device, or streamed), without a single host sync: a step with a non-finite loss or gradient is skipped on the device
     (fused AdamW's found_inf; GradScaler's under fp16) and counted in `stats`, which the loop
     reads only at log and checkpoint steps. train()'s loop and diffusion-bench both call it."""
 
@@ -47,10 +48,9 @@ class TrainStep:
         torch.manual_seed(tc.seed)  # model initialisation: the same on every rank
         self.device = device
         self.model = use_channels_last(build_model(cfg.model, cfg.data).to(device))
-        self.images = train_data.images.to(device)
-        if convolutional(self.model):
-            self.images = self.images.contiguous(memory_format=torch.channels_last)
-        self.labels = train_data.labels.to(device) if self.model.num_classes else None
+        self.batches = training_batches(train_data, cfg.data, device, tc.batch_size,
+                                        labelled=bool(self.model.num_classes),
+                                        channels_last=convolutional(self.model), seed=tc.seed)
         self.schedule = NoiseSchedule.from_config(cfg.schedule).to(device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.lr,
                                            weight_decay=tc.weight_decay, fused=True)
@@ -72,27 +72,26 @@ class TrainStep:
         # skips, first skipped step.
         self.stats = torch.zeros(5, device=device)
 
-    def loss(self, network, generator: torch.Generator) -> torch.Tensor:
-        """The training loss of `network` on a batch drawn with `generator`."""
+    def loss(self, network, batch, generator: torch.Generator) -> torch.Tensor:
+        """The training loss of `network` on `batch` (images, labels), noised with `generator`."""
         tc = self.tc
-        index = torch.randint(0, len(self.images), (tc.batch_size,), generator=generator, device=self.device)
+        images, labels = batch
         with autocast(self.device, tc.precision):
-            return training_loss(network, self.schedule, self.images[index], generator,
-                                 labels=None if self.labels is None else self.labels[index],
+            return training_loss(network, self.schedule, images, generator, labels=labels,
                                  cond_drop_prob=tc.cond_drop_prob, loss_weighting=tc.loss_weighting,
                                  prediction=self.model.prediction, num_classes=self.model.num_classes)
 
     def warm_up(self, network) -> None:
         """torch.compile's first call, as the training step makes it (batch shape, grad mode,
         autocast, backward: a DDP model owes one), on a batch of its own stream."""
-        self.loss(network, torch.Generator(self.device).manual_seed(0)).backward()
+        self.loss(network, self.batches.first(), torch.Generator(self.device).manual_seed(0)).backward()
         self.optimizer.zero_grad(set_to_none=True)
 
     def __call__(self, step: int) -> None:
         self.lr = learning_rate(step, self.tc, self.lr_rewarm)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
-        loss = self.loss(self.network, self.generator)
+        loss = self.loss(self.network, self.batches.next(self.generator), self.generator)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)  # fp16: true gradients for the norm (else a no-op)
@@ -164,12 +163,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     use_fast_math(device)
     with runtime.main_process_first():  # rank 0 downloads, the others then read its files
         train_data, eval_data = load_data(cfg.data)
+    cfg.data.classes = class_names(cfg.data) or None  # in the checkpoint: diffusion-sample label=NAME
     trainer = TrainStep(cfg, device, train_data)
     model, ema, schedule = trainer.model, trainer.ema, trainer.schedule
     sampling_model = ema.model if ema else model  # what evaluation, grids and quality look at
     start_step = 0
     if state is not None:
         start_step = checkpoint.restore(state, trainer)
+        trainer.batches.start(start_step)
         trainer.lr_rewarm = rewarm_after_resume(state, tc)
         origin = checkpoint.run_dir_of(cfg.resume)
         if main_rank:  # the metrics up to the checkpoint, once each
@@ -179,7 +180,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             f" in a new run dir: {origin} is left as it is"))
     evaluator = Evaluator(eval_data.head(tc.num_eval_images), schedule, tc.batch_size, tc.seed)
     log.info(f"model {cfg.model.kind}: {sum(p.numel() for p in model.parameters()):,} parameters; "
-             f"{len(trainer.images):,} training images of shape {tuple(trainer.images.shape[1:])}")
+             f"{len(trainer.batches):,} training images of shape {image_shape(cfg.data)}"
+             + (", streamed" if isinstance(train_data.images, RowFile) else ""))
 
     metrics_file = open(run_dir / "metrics.jsonl", "a") if main_rank else nullcontext()
     result, skipped_logged = {}, 0

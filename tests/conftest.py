@@ -26,6 +26,20 @@ TINY_TRAIN = [
 ]
 
 
+def data_config(kind: str, **values):
+    """The composed `data` group of data=kind, with `values` set."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    import diffusion_cli.config  # noqa: F401  registers the schemas
+
+    with initialize_config_module("diffusion_cli.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[f"data={kind}"]).data
+    OmegaConf.resolve(cfg)
+    cfg.merge_with(values)
+    return cfg
+
+
 def snapshot(directory: Path) -> dict:
     """Every file under `directory`: its bytes and modification time (to check nothing changed)."""
     return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in directory.rglob("*") if p.is_file()}

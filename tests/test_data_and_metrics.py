@@ -4,12 +4,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from diffusion_cli.data import load_data, make_gradients
+from conftest import data_config
+from diffusion_cli.data import load_data, make_gradients, to_model_range
 from diffusion_cli.errors import UserError
 from diffusion_cli.metrics import gradient_quality
-
-GRADIENTS = dict(kind="gradients", root=None, download=False, channels=3, height=16, width=16,
-                 num_train=200, num_eval=50)
 
 
 def test_gradient_images_follow_the_generator_formula():
@@ -27,8 +25,9 @@ def test_gradient_images_follow_the_generator_formula():
 
 
 def test_load_data_gives_disjoint_sets_in_minus_one_one():
-    (train, train_labels), (evaluation, _) = load_data(OmegaConf.create(GRADIENTS))
+    (train, train_labels), (evaluation, _) = load_data(data_config("gradients", num_train=200, num_eval=50))
     assert train_labels is None  # gradients have no classes
+    train = to_model_range(train)
     assert train.shape == (200, 3, 16, 16) and evaluation.shape == (50, 3, 16, 16)
     assert train.min() >= -1 and train.max() <= 1
     assert train.min() < -0.9 and train.max() > 0.9  # the full range, not rescaled per image
@@ -53,9 +52,10 @@ def test_quality_flags_noise_and_collapse():
 @pytest.mark.skipif(not os.path.isdir(os.path.join(os.environ["DIFFUSION_CLI_DATA"], "MNIST")),
                     reason="no MNIST beside the checkout")
 def test_mnist_loads_from_the_shared_data_root():
-    cfg = OmegaConf.create(dict(kind="mnist", root=os.environ["DIFFUSION_CLI_DATA"], download=False,
-                                channels=1, height=28, width=28, num_train=100, num_eval=10))
+    cfg = data_config("mnist", download=False, num_train=100, num_eval=10)
     (train, train_labels), (evaluation, eval_labels) = load_data(cfg)
+    assert train.dtype == torch.uint8  # stored as pixels: 4x smaller than floats
+    train = to_model_range(train)
     assert train.shape == (100, 1, 28, 28) and evaluation.shape == (10, 1, 28, 28)
     assert train.min() == -1 and train.max() == 1
     assert train_labels.shape == (100,) and set(train_labels.tolist()) == set(range(10))
@@ -71,8 +71,7 @@ def test_missing_mnist_is_one_clear_error(tmp_path, download, monkeypatch):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
-    cfg = OmegaConf.create(dict(kind="mnist", root=str(tmp_path / "nowhere"), download=download,
-                                channels=1, height=28, width=28, num_train=10, num_eval=10))
+    cfg = data_config("mnist", root=str(tmp_path / "nowhere"), download=download)
     with pytest.raises(UserError) as error:
         load_data(cfg)
     message = str(error.value)

@@ -30,7 +30,7 @@ def tiny_config(*overrides: str):
 
 def random_images() -> Split:
     """A tiny unlabelled training set of the tiny config's shape."""
-    return Split(torch.rand(64, 3, 16, 16) * 2 - 1, None)
+    return Split(torch.rand(64, 3, 16, 16), None)  # stored as floats in [0, 1]
 
 
 def weights_and_ema(step: TrainStep) -> dict:
@@ -50,7 +50,7 @@ def test_a_non_finite_step_is_skipped_on_the_device_and_counted():
     step = TrainStep(cfg, torch.device("cpu"), Split(images, None))
     step(1)
     before = weights_and_ema(step)
-    step.images[:] = float("nan")  # every batch now gives a NaN loss
+    step.batches.images[:] = float("nan")  # every batch now gives a NaN loss
     step(2)
     step(3)
     assert_unchanged(before, weights_and_ema(step))

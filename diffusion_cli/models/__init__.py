@@ -6,11 +6,12 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from ..errors import UserError
+from .dit import DiT
 from .mlp import MLP
 from .resunet import ResUNet
 from .unet import UNet
 
-MODELS = {"mlp": MLP, "unet": UNet, "resunet": ResUNet}
+MODELS = {"mlp": MLP, "unet": UNet, "resunet": ResUNet, "dit": DiT}
 
 
 def image_shape(data_cfg) -> tuple[int, int, int]:

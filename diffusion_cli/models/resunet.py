@@ -18,9 +18,11 @@ def zero(module: nn.Module) -> nn.Module:
 
 
 class ResBlock(nn.Module):
-    """x + conv(dropout(SiLU(GN(conv(SiLU(GN(x))) + emb)))), with a 1x1 skip when widths differ."""
+    """x + conv(dropout(SiLU(GN(conv(SiLU(GN(x))) + emb)))), with a 1x1 skip when widths differ;
+    then self-attention when `attention`."""
 
-    def __init__(self, in_channels: int, out_channels: int, emb_dim: int, dropout: float):
+    def __init__(self, in_channels: int, out_channels: int, emb_dim: int, dropout: float,
+                 attention: bool = False):
         super().__init__()
         self.norm1 = group_norm(in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
@@ -29,12 +31,13 @@ class ResBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        self.attention = Attention(out_channels) if attention else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         h = h + self.emb(emb)[:, :, None, None]
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return self.skip(x) + h
+        return self.attention(self.skip(x) + h)
 
 
 class Attention(nn.Module):
@@ -57,12 +60,14 @@ class Attention(nn.Module):
 class ResUNet(nn.Module):
     """Levels of widths base_channels * channel_mults[i], halving the resolution between levels;
     num_res_blocks residual blocks per level on the way down, one more on the way up; the middle
-    is ResBlock, Attention (if `attention`), ResBlock. H and W must be divisible by
-    2^(levels - 1)."""
+    is ResBlock, Attention (if `attention`), ResBlock; the blocks of levels whose resolution (the
+    image height divided by 2^level) is in `attention_resolutions` add self-attention too. H and W
+    must be divisible by 2^(levels - 1)."""
 
     def __init__(self, image_shape: tuple[int, int, int], base_channels: int = 16,
                  channel_mults: tuple[int, ...] = (1, 2, 2), num_res_blocks: int = 1,
-                 attention: bool = True, dropout: float = 0.1, num_classes: int = 0):
+                 attention: bool = True, dropout: float = 0.1, num_classes: int = 0,
+                 attention_resolutions: tuple[int, ...] = ()):
         super().__init__()
         channels, height, width = image_shape
         factor = 2 ** (len(channel_mults) - 1)
@@ -71,9 +76,10 @@ class ResUNet(nn.Module):
                              f"width divisible by {factor}, got {height}x{width}; use fewer "
                              f"model.channel_mults or another size")
         widths = [base_channels * mult for mult in channel_mults]
-        if attention and widths[-1] % 4:
-            raise ValueError(f"model.attention needs the lowest level's width ({widths[-1]}) "
-                             f"divisible by its 4 heads: change model.base_channels")
+        attends = [height // 2 ** level in attention_resolutions for level in range(len(widths))]
+        if any(width_ % 4 for width_, on in zip(widths + widths[-1:], attends + [attention]) if on):
+            raise ValueError("model.attention and model.attention_resolutions need the widths of "
+                             "their levels divisible by the 4 heads: change model.base_channels")
         self.image_shape, self.num_classes = tuple(image_shape), num_classes
         emb_dim = 4 * base_channels
         self.time = TimeEmbedding(base_channels, num_classes, out_dim=emb_dim)
@@ -82,7 +88,7 @@ class ResUNet(nn.Module):
         self.down, skip_widths, current = nn.ModuleList(), [widths[0]], widths[0]
         for level, width_ in enumerate(widths):
             for _ in range(num_res_blocks):
-                self.down.append(ResBlock(current, width_, emb_dim, dropout))
+                self.down.append(ResBlock(current, width_, emb_dim, dropout, attends[level]))
                 current = width_
                 skip_widths.append(current)
             if level < len(widths) - 1:
@@ -96,7 +102,7 @@ class ResUNet(nn.Module):
         self.up = nn.ModuleList()
         for level, width_ in reversed(list(enumerate(widths))):
             for _ in range(num_res_blocks + 1):
-                self.up.append(ResBlock(current + skip_widths.pop(), width_, emb_dim, dropout))
+                self.up.append(ResBlock(current + skip_widths.pop(), width_, emb_dim, dropout, attends[level]))
                 current = width_
             if level > 0:
                 self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),

@@ -1,0 +1,108 @@
+"""The datasets: one registry row per `data.kind` (its loader, image shape, class names and quality
+metric), and the (train, eval) splits a run trains and evaluates on.
+
+Adding a dataset is one row in DATASETS and one YAML file in conf/data/.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+
+from ..errors import UserError
+from .folder import folder_classes, load_folder
+from .gradients import gradient_grid, load_gradients, make_gradients
+from .rows import RowFile, cache_entry, read_entry, write_entry
+from .torchvision_sets import load_mnist, loader
+
+__all__ = ["DATASETS", "Split", "load_data", "class_names", "to_model_range", "gradient_grid",
+           "make_gradients", "load_mnist", "RowFile"]
+
+FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
+                   "bag", "ankle-boot"]
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                   "truck"]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    # data_cfg -> ((train images, labels), (eval images, labels)): uint8 pixels, floats in [0, 1],
+    # or (train only) a RowFile; labels None for unlabelled data
+    load: Callable
+    classes: Callable                    # data_cfg -> class names ([]: unlabelled)
+    shape: tuple | None = None           # a fixed (C, H, W); None: data.channels/height/width
+    quality: str | None = None           # its metric in metrics.QUALITY_METRICS; None: none in-project
+    generated: bool = False              # made in memory: nothing to stream
+
+
+def fixed(names: list[str]) -> Callable:
+    return lambda data_cfg: names
+
+
+DATASETS = {
+    "gradients": Dataset(load_gradients, fixed([]), quality="gradients", generated=True),
+    "mnist": Dataset(loader("mnist"), fixed([str(d) for d in range(10)]), (1, 28, 28), "mnist_classifier"),
+    "fashion_mnist": Dataset(loader("fashion_mnist"), fixed(FASHION_CLASSES), (1, 28, 28)),
+    "cifar10": Dataset(loader("cifar10"), fixed(CIFAR10_CLASSES), (3, 32, 32)),
+    "folder": Dataset(load_folder, folder_classes),
+}
+
+# data.in_memory=auto streams a training set above this many bytes of uint8 pixels.
+IN_MEMORY_LIMIT = 2 ** 30
+
+
+def class_names(data_cfg) -> list[str]:
+    """The class names of the data's labels, index order ([]: no labels)."""
+    return DATASETS[data_cfg.kind].classes(data_cfg)
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """Stored images (uint8 pixels, or floats in [0, 1]) as floats in [-1, 1]."""
+    return (images.float() / 255 if images.dtype == torch.uint8 else images) * 2 - 1
+
+
+class Split(NamedTuple):
+    images: torch.Tensor | RowFile       # (N, C, H, W): see load_data
+    labels: torch.Tensor | None          # (N,) class indices, None for unlabelled data
+
+    def head(self, n: int) -> "Split":
+        """The first n images and their labels."""
+        return Split(self.images[:n], None if self.labels is None else self.labels[:n])
+
+
+def load_data(data_cfg) -> tuple[Split, Split]:
+    """The (train, eval) splits of the `data` config group. Training images stay as stored (uint8
+    pixels, or floats in [0, 1] for generated data; a RowFile when they stream from the cache);
+    the eval images are floats in [-1, 1]."""
+    dataset = DATASETS[data_cfg.kind]
+    shape = (data_cfg.channels, data_cfg.height, data_cfg.width)
+    if dataset.shape and shape != dataset.shape:
+        size = "x".join(map(str, dataset.shape))
+        raise UserError(f"data={data_cfg.kind} images are {size}, got data.channels/height/width = "
+                        f"{'x'.join(map(str, shape))}; leave those keys at their defaults")
+    (train, train_labels), (evaluation, eval_labels) = dataset.load(data_cfg)
+    if streams(data_cfg, train):
+        if not isinstance(train, RowFile):
+            train = cache_rows(data_cfg, train)
+    elif isinstance(train, RowFile):
+        train = train.read_all()
+    return Split(train, train_labels), Split(to_model_range(evaluation), eval_labels)
+
+
+def streams(data_cfg, train) -> bool:
+    """Whether training reads batches from the cache (data.in_memory, or auto: above IN_MEMORY_LIMIT)."""
+    if data_cfg.in_memory != "auto":
+        if not data_cfg.in_memory and DATASETS[data_cfg.kind].generated:
+            raise UserError(f"data.in_memory=false: data={data_cfg.kind} is generated in memory, "
+                            f"there is nothing to stream; leave data.in_memory=auto")
+        return not data_cfg.in_memory
+    count = len(train)
+    return count * data_cfg.channels * data_cfg.height * data_cfg.width > IN_MEMORY_LIMIT
+
+
+def cache_rows(data_cfg, images: torch.Tensor) -> RowFile:
+    """A loaded training set (a torchvision one) written to the row cache, to stream from."""
+    key = {"kind": data_cfg.kind, "root": str(data_cfg.root), "count": len(images)}
+    pixels, meta_path = cache_entry(data_cfg.kind, key)
+    meta = read_entry(meta_path) or write_entry(pixels, meta_path, images.split(4096), {})
+    return RowFile(pixels, tuple(meta["shape"]), torch.arange(meta["shape"][0]))
