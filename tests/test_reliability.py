@@ -21,6 +21,20 @@ RESUMABLE_RUN = [arg for arg in TINY_TRAIN if not arg.startswith(("model.", "tra
 ]
 
 
+def write_gradient_pngs(folder: Path, count: int, size: int) -> Path:
+    """`count` gradient images of 3 x size x size as PNG files under folder/ (nested folders)."""
+    from PIL import Image
+
+    from diffusion_cli.data import make_gradients
+
+    pixels = (make_gradients(count, (3, size, size), seed=0) * 255).round().byte()
+    for index, image in enumerate(pixels):
+        path = folder / f"{index // 1000:03d}" / f"{index:05d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
+    return folder
+
+
 def start(run_dir: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([script("diffusion-train"), *RESUMABLE_RUN, *extra, f"hydra.run.dir={run_dir}"],
                             cwd=run_dir.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -65,12 +79,25 @@ def assert_same_state(a: dict, b: dict, path: str = "") -> None:
         assert a == b, path
 
 
+@pytest.fixture(scope="module", params=["in memory", "streaming"])
+def data_path(request, tmp_path_factory) -> list[str]:
+    """The overrides of the two ways training reads its data: gradients in memory, or the same
+    kind of images as PNG files streamed by a DataLoader worker from the row cache."""
+    if request.param == "in memory":
+        return []
+    folder = write_gradient_pngs(tmp_path_factory.mktemp("pngs"), 256, 16)
+    return ["data=folder", "model=mlp", f"data.path={folder}", "data.image_size=16", "data.in_memory=false",
+            "data.num_workers=1", "data.num_eval=32", "data.hflip=true"]
+
+
 @pytest.fixture(scope="module")
-def straight_run(tmp_path_factory) -> Path:
+def straight_run(tmp_path_factory, data_path) -> tuple[Path, list[str]]:
     run_dir = tmp_path_factory.mktemp("straight") / "run"
-    process = start(run_dir)
-    assert process.wait(timeout=300) == 0, process.communicate()[1]
-    return run_dir
+    process = start(run_dir, *data_path)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    assert ("streamed" in stdout + stderr) == bool(data_path)
+    return run_dir, data_path
 
 
 KILL_POINTS = {
@@ -84,9 +111,10 @@ KILL_POINTS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_point", list(KILL_POINTS))
 def test_resume_after_kill_9_is_bit_identical(straight_run, tmp_path, kill_point):
+    straight_run, data_path = straight_run
     for attempt in range(5):  # a kill point can be missed when the process runs past it
         run_dir = tmp_path / f"run{attempt}"
-        process = start(run_dir)
+        process = start(run_dir, *data_path)
         if wait_for(process, lambda: KILL_POINTS[kill_point](run_dir)):
             process.send_signal(signal.SIGKILL)
             process.wait()
@@ -134,6 +162,7 @@ def test_a_signal_saves_a_checkpoint_and_says_how_to_resume(tmp_path, sig, code)
 
 @pytest.mark.slow
 def test_resume_refuses_overrides_that_would_change_the_run(straight_run, tmp_path):
+    straight_run, _ = straight_run
     before = (straight_run / "checkpoints" / "last.pt").read_bytes()
     result = run_cli("diffusion-train", f"resume={straight_run}", "trainer.max_steps=40",
                      "model.width=64", cwd=tmp_path, check=False)

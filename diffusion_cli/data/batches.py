@@ -96,7 +96,8 @@ class StreamingBatches:
                               runtime.rank(), runtime.world_size())
         self.batches = iter(torch.utils.data.DataLoader(
             self.reader, batch_size=None, sampler=sampler, num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda", prefetch_factor=4 if self.num_workers else None))
+            pin_memory=self.device.type == "cuda", prefetch_factor=4 if self.num_workers else None,
+            generator=torch.Generator().manual_seed(self.seed)))  # else it draws from torch's global one
 
     def first(self):
         indices = [i % len(self.reader) for i in range(self.batch_size)]

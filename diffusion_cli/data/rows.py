@@ -73,7 +73,7 @@ def write_entry(pixels_path: Path, meta_path: Path, chunks: Iterable[torch.Tenso
             image_shape = tuple(chunk.shape[1:])
             file.write(chunk.contiguous().numpy().tobytes())
             count += len(chunk)
-    meta = {**meta, "shape": [count, *image_shape]}
+    meta = {**meta, "shape": [count, *(image_shape or ())]}
     with atomic_write(meta_path) as file:
         file.write(json.dumps(meta))
     return meta
