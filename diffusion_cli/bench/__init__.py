@@ -2,10 +2,11 @@
 baseline measured in the same process, interleaved, so machine noise hits both alike. Prints
 Markdown tables: medians with (min-max) over the repetitions, and the ratios the targets are on.
 
-    diffusion-bench                  # all three tables (a few minutes on 2 CPU cores)
+    diffusion-bench                  # all four tables (minutes on 2 CPU cores)
     diffusion-bench train            # project training step vs a bare loop
     diffusion-bench sample           # sampler step overhead vs a floor loop (and diffusers)
     diffusion-bench model            # U-Net images/s and peak memory (and diffusers' UNet2DModel)
+    diffusion-bench data             # images in memory vs streamed; streaming memory as data grows
 
 diffusers is optional (`pip install diffusion-cli[bench]`); without it its rows are left out.
 """
@@ -14,20 +15,21 @@ import argparse
 
 from ..errors import UserError
 from ..runtime import PRECISIONS, resolve_device
+from .data import bench_data
 from .models import bench_model
 from .samplers import SAMPLE_SHAPE, bench_sample
 from .timing import BATCH, describe
 from .train import bench_train
 
 
-TABLES = ("train", "sample", "model")
+TABLES = ("train", "sample", "model", "data")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="diffusion-bench", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("tables", nargs="*", metavar="{train,sample,model}",
-                        help="which tables (default: all three)")
+    parser.add_argument("tables", nargs="*", metavar="{train,sample,model,data}",
+                        help="which tables (default: all four)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     parser.add_argument("--repeats", type=int, default=7, help="repetitions per arm (default 7)")
     parser.add_argument("--steps", type=int, default=10, help="training steps per repetition (default 10)")
@@ -56,6 +58,11 @@ def main(argv: list[str] | None = None) -> None:
     if "model" in tables:
         print(f"\n## model: MNIST 1x28x28 at batch {BATCH}, {steps} steps per repetition\n")
         print(bench_model(device, repeats, steps, args.precision))
+    if "data" in tables:
+        counts = (64, 256) if args.quick else (2000, 20000)
+        print(f"\n## data: a folder of gradient PNGs, batch {BATCH}, {steps} steps per repetition; "
+              f"the MLP (width 256) so that reading weighs most\n")
+        print(bench_data(device, repeats, steps, counts, args.quick))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 import torch
 from torch.nn import functional as F
 
-from ..data import Split
+from ..data import Split, to_model_range
 from ..runtime import autocast
 from .timing import BATCH, interleaved, spread, table, train_config
 
@@ -17,12 +17,12 @@ def bench_train(device: torch.device, repeats: int, steps: int, models: list[str
     rows = []
     for kind in models:
         cfg = train_config(kind, device, [f"trainer.precision={precision}"])
-        images = torch.rand(4096, 1, 28, 28) * 2 - 1
+        images = torch.rand(4096, 1, 28, 28)  # stored as floats in [0, 1]
         step = TrainStep(cfg, device, Split(images, torch.zeros(4096, dtype=torch.long)))
         model, schedule = step.model, step.schedule
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.trainer.lr, fused=True)
         generator = torch.Generator(device).manual_seed(1)
-        x0 = step.images[:BATCH]
+        x0 = to_model_range(step.batches.images[:BATCH])
         counter = iter(range(1, 10 ** 9))
 
         def bare():
