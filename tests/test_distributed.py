@@ -79,3 +79,20 @@ def test_rank_zero_downloads_first_and_the_others_wait(tmp_path):
     log_file = tmp_path / "order"
     mp.spawn(_first_in_turn, args=(str(tmp_path / "init"), str(log_file)), nprocs=2)
     assert log_file.read_text().split() == ["0", "1"]
+
+
+def test_two_processes_stream_their_shards_and_resume_exactly(tmp_path):
+    from diffusion_cli.bench.data import write_gradient_pngs
+
+    folder = write_gradient_pngs(tmp_path / "pngs", 96, 16)
+    streaming = ["data=folder", "model=mlp", f"data.path={folder}", "data.image_size=16",
+                 "data.in_memory=false", "data.num_workers=1", "data.num_eval=16"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    log = torchrun(*streaming, f"hydra.run.dir={straight}", cwd=tmp_path)
+    assert "streamed" in log.stdout + log.stderr
+    torchrun(*streaming, "trainer.max_steps=3", f"hydra.run.dir={split}", cwd=tmp_path)
+    torchrun(f"resume={split}", "trainer.max_steps=6", cwd=tmp_path, resume=True)
+    expected = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)["model"]
+    resumed = torch.load(split / "checkpoints" / "last.pt", weights_only=True)["model"]
+    for key, value in expected.items():
+        torch.testing.assert_close(resumed[key], value, rtol=0, atol=0)

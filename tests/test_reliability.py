@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import TINY_TRAIN, metric_steps, run_cli, script
+from diffusion_cli.bench.data import write_gradient_pngs
 
 # Big enough that a step and a checkpoint write take measurable time, small enough to stay fast.
 RESUMABLE_RUN = [arg for arg in TINY_TRAIN if not arg.startswith(("model.", "trainer."))] + [
@@ -19,20 +20,6 @@ RESUMABLE_RUN = [arg for arg in TINY_TRAIN if not arg.startswith(("model.", "tra
     "trainer.sample_every=15", "trainer.checkpoint_every=3", "trainer.keep_checkpoints=2",
     "trainer.num_eval_images=32", "trainer.num_grid_images=4",
 ]
-
-
-def write_gradient_pngs(folder: Path, count: int, size: int) -> Path:
-    """`count` gradient images of 3 x size x size as PNG files under folder/ (nested folders)."""
-    from PIL import Image
-
-    from diffusion_cli.data import make_gradients
-
-    pixels = (make_gradients(count, (3, size, size), seed=0) * 255).round().byte()
-    for index, image in enumerate(pixels):
-        path = folder / f"{index // 1000:03d}" / f"{index:05d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
-    return folder
 
 
 def start(run_dir: Path, *extra: str) -> subprocess.Popen:

@@ -59,7 +59,7 @@ class EpochShards(torch.utils.data.Sampler):
         self.per_epoch = n // world_size
 
     def shard(self, epoch: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(hash((self.seed, epoch)) % 2 ** 63)
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2 ** 63)
         return torch.randperm(self.n, generator=generator)[self.rank::self.world_size][: self.per_epoch]
 
     def __iter__(self):
