@@ -32,12 +32,12 @@ class DataConfig:
     num_train: int = MISSING
     num_eval: int = MISSING
     hflip: bool = MISSING
-    in_memory: Any = "auto"        # true | false | auto
-    num_workers: int = 2
-    path: Optional[str] = None     # data=folder
+    in_memory: Any = MISSING                # true | false | auto
+    num_workers: int = MISSING
+    path: Optional[str] = None              # data=folder's own keys
     image_size: Optional[int] = None
     labels: str = "none"
-    classes: Optional[List[str]] = None  # set by training from the data: the class names
+    classes: Optional[List[str]] = None     # filled in by training from the data: the class names
 
 
 @dataclass

@@ -198,6 +198,18 @@ BAD_INPUT = [
     ("diffusion-train", ["trainer.precision=fp8"], "trainer.precision"),
     ("diffusion-sample", ["ckpt=TRAINED", "precision=half"], "precision"),
     ("diffusion-sample", ["ckpt=TRAINED", "compile=maybe"], "compile"),
+    ("diffusion-train", ["data=folder"], "data.path"),                        # no folder given
+    ("diffusion-train", ["data=folder", "data.path=nowhere"], "nowhere"),
+    ("diffusion-train", ["data=folder", "data.path=empty_dir"], "holds no images"),
+    ("diffusion-train", ["data=folder", "data.path=empty_dir", "model.num_classes=2"], "holds no images"),
+    ("diffusion-train", ["data=folder", "data.labels=folders"], "data.labels"),
+    ("diffusion-train", ["data.in_memory=maybe"], "data.in_memory"),
+    ("diffusion-train", ["data.in_memory=false"], "generated"),              # gradients: nothing to stream
+    ("diffusion-train", ["data=cifar10", "data.root=nowhere"], "downloading it failed"),
+    ("diffusion-train", ["data=fashion_mnist", "data.root=nowhere", "data.download=false"], "nowhere"),
+    ("diffusion-train", ["model=dit", "model.patch_size=3"], "patch_size"),  # 16x16 gradients
+    ("diffusion-train", ["model=dit", "model.heads=3"], "model.heads"),
+    ("diffusion-sample", ["ckpt=TRAINED", "save_images=maybe"], "save_images"),
 ]
 
 

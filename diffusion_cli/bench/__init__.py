@@ -16,7 +16,7 @@ import argparse
 from ..errors import UserError
 from ..runtime import PRECISIONS, resolve_device
 from .data import bench_data
-from .models import bench_model
+from .models import bench_model, bench_presets
 from .samplers import SAMPLE_SHAPE, bench_sample
 from .timing import BATCH, describe
 from .train import bench_train
@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     if "model" in tables:
         print(f"\n## model: MNIST 1x28x28 at batch {BATCH}, {steps} steps per repetition\n")
         print(bench_model(device, repeats, steps, args.precision))
+        print(f"\n## model presets: RGB at batch 32, {steps} steps per repetition\n")
+        print(bench_presets(device, repeats, 1 if args.quick else steps))
     if "data" in tables:
         counts = (64, 256) if args.quick else (2000, 20000)
         print(f"\n## data: a folder of gradient PNGs, batch {BATCH}, {steps} steps per repetition; "

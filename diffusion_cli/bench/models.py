@@ -40,7 +40,9 @@ def model_variants() -> dict[str, Callable[[], nn.Module]]:
         return lambda: use_channels_last(build_model(cfg.model, cfg.data))
     variants = {"unet (seed U-Net, base 64)": ours("unet"),
                 "resunet base 16 (data=mnist default)": ours("resunet"),
-                "resunet base 32": ours("resunet", "model.base_channels=32")}
+                "resunet base 32": ours("resunet", "model.base_channels=32"),
+                "dit (patch 4, width 128, depth 6)": ours("dit"),
+                "dit (patch 2, width 128, depth 6)": ours("dit", "model.patch_size=2")}
     try:
         import diffusers  # noqa: F401
     except ImportError:
@@ -50,11 +52,12 @@ def model_variants() -> dict[str, Callable[[], nn.Module]]:
     return variants
 
 
-def training_step(model: nn.Module, device: torch.device, precision: str = "fp32"):
-    """A forward, MSE, backward and AdamW step at batch BATCH (fixed inputs: speed only)."""
+def training_step(model: nn.Module, device: torch.device, precision: str = "fp32",
+                  shape: tuple = (BATCH, 1, 28, 28)):
+    """A forward, MSE, backward and AdamW step on a batch of `shape` (fixed inputs: speed only)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    x = torch.randn(BATCH, 1, 28, 28, device=device)
-    t = torch.randint(0, 1000, (BATCH,), device=device)
+    x = torch.randn(shape, device=device)
+    t = torch.randint(0, 1000, shape[:1], device=device)
 
     def step():
         with autocast(device, precision):
@@ -120,3 +123,39 @@ def bench_model(device: torch.device, repeats: int, steps: int, precision: str) 
 def _forward(model, x, t, precision):
     with autocast(x.device, precision):
         return model(x, t)
+
+
+# Candidates for the RGB presets (model=resunet32, resunet64): the ResUNet keys each sets.
+PRESET_CANDIDATES = {
+    32: {"[1,2,2] x1, attention middle only": ["model.channel_mults=[1,2,2]", "model.num_res_blocks=1",
+                                               "model.attention_resolutions=[]"],
+         "[1,2,2] x1, attention 16, 8": ["model.num_res_blocks=1"],
+         "[1,2,2] x2, attention 16, 8 (resunet32)": [],
+         "[1,2,2,2] x2, attention 16, 8": ["model.channel_mults=[1,2,2,2]"]},
+    64: {"[1,2,2,2] x1, attention 16, 8": ["model.num_res_blocks=1"],
+         "[1,2,2,2] x2, attention 16, 8 (resunet64)": [],
+         "[1,2,2,2] x2, attention 8 only": ["model.attention_resolutions=[8]"]},
+}
+
+
+def bench_presets(device: torch.device, repeats: int, steps: int, batch: int = 32) -> str:
+    """Training images/s and parameters of the RGB preset candidates, base 32, at 32 and 64 px."""
+    from hydra import compose, initialize_config_module
+
+    from .. import config  # noqa: F401 (registers the schemas the config files extend)
+    from ..models import build_model
+
+    arms, sizes = {}, {}
+    for size, candidates in PRESET_CANDIDATES.items():
+        for name, overrides in candidates.items():
+            with initialize_config_module("diffusion_cli.conf", version_base="1.3"):
+                cfg = compose("train", overrides=["data=folder", f"data.image_size={size}",
+                                                  f"model=resunet{size}", *overrides])
+            model = use_channels_last(build_model(cfg.model, cfg.data).to(device))
+            step = training_step(model, device, shape=(batch, 3, size, size))
+            arms[(size, name)] = lambda step=step: [step() for _ in range(steps)]
+            sizes[(size, name)] = sum(p.numel() for p in model.parameters())
+    seconds = interleaved(arms, repeats, device)
+    rows = [[f"{size}x{size}", name, f"{sizes[(size, name)] / 1e6:.2f}M",
+             spread([steps * batch / s for s in seconds[(size, name)]])] for size, name in arms]
+    return table(["images", "ResUNet base 32: levels x blocks, attention", "parameters", "train img/s"], rows)
