@@ -1,12 +1,15 @@
 """Your own images (data=folder), the torchvision sets, streaming from the row cache, and the
 models for them (DiT, the ResUNet presets)."""
 
+import json
 import logging
 import urllib.request
 import zlib
 
+import numpy
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import data_config, run_in_process
@@ -58,7 +61,7 @@ def test_a_folder_trains_and_samples_by_class_name(two_classes, tmp_path, caplog
         assert [p.name for p in pngs] == ["000000.png", "000001.png", "000002.png"]
         assert Image.open(pngs[0]).size == (16, 16)
         saved = torch.load(tmp_path / label / "samples.pt")
-        assert torch.equal(torch.from_numpy(__import__("numpy").array(Image.open(pngs[1]))).permute(2, 0, 1),
+        assert torch.equal(torch.from_numpy(numpy.array(Image.open(pngs[1]))).permute(2, 0, 1),
                            (saved[1] * 255).round().byte())  # the PNG holds the sample itself
     assert torch.equal(torch.load(tmp_path / "dog" / "samples.pt"), torch.load(tmp_path / "1" / "samples.pt"))
 
@@ -168,7 +171,7 @@ def test_torchvision_sets_offline_are_one_line_errors(tmp_path, monkeypatch, kin
 def test_dit_maps_images_to_images_and_takes_labels(position):
     torch.manual_seed(0)
     cfg = data_config("gradients", height=8, width=12)
-    model = build_model(__import__("omegaconf").OmegaConf.create(dict(
+    model = build_model(OmegaConf.create(dict(
         kind="dit", prediction="eps", num_classes=3, patch_size=2, width=32, depth=2, heads=4,
         position=position)), cfg)
     x, t = torch.randn(5, 3, 8, 12), torch.randint(0, 100, (5,))
@@ -196,3 +199,18 @@ def test_resunet_presets_build_for_their_image_sizes():
         attention = [name for name, m in model.named_modules() if type(m).__name__ == "Attention"]
         assert any(name.startswith("down.") for name in attention) and len(attention) > 2
         assert model(torch.randn(2, 3, size, size), torch.tensor([0, 5])).shape == (2, 3, size, size)
+
+
+def test_dit_trains_on_gradients_and_samples(tmp_path):
+    run = tmp_path / "run"
+    trained = run_in_process("diffusion-train", "model=dit", "model.width=32", "model.depth=2", "schedule.T=10",
+                             "trainer.max_steps=30", "trainer.batch_size=32", "trainer.eval_every=10",
+                             "trainer.num_quality_images=0", "trainer.num_grid_images=4", "trainer.device=cpu",
+                             "data.num_train=256", "data.num_eval=32", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    losses = [json.loads(line)["eval_loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
+              if "eval_loss" in line]
+    assert losses[-1] < losses[0]  # it learns
+    sampled = run_in_process("diffusion-sample", f"ckpt={run}", "num_samples=4", f"hydra.run.dir={tmp_path / 's'}",
+                             cwd=tmp_path)
+    assert sampled.returncode == 0 and torch.load(tmp_path / "s" / "samples.pt").shape == (4, 3, 16, 16)
