@@ -13,7 +13,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import data_config, run_in_process
-from diffusion_cli.data import load_data, to_model_range
+from diffusion_cli.data import DATASETS, load_data, to_model_range
+from diffusion_cli.metrics import QUALITY_METRICS
 from diffusion_cli.data.batches import EpochShards
 from diffusion_cli.data.folder import decode
 from diffusion_cli.errors import UserError
@@ -214,3 +215,15 @@ def test_dit_trains_on_gradients_and_samples(tmp_path):
     sampled = run_in_process("diffusion-sample", f"ckpt={run}", "num_samples=4", f"hydra.run.dir={tmp_path / 's'}",
                              cwd=tmp_path)
     assert sampled.returncode == 0 and torch.load(tmp_path / "s" / "samples.pt").shape == (4, 3, 16, 16)
+
+
+@pytest.mark.parametrize("kind", sorted(DATASETS))
+def test_every_registered_dataset_has_a_config_that_fits_its_row(kind):
+    cfg, row = data_config(kind), DATASETS[kind]
+    assert cfg.kind == kind
+    if row.shape:
+        assert (cfg.channels, cfg.height, cfg.width) == row.shape
+    if kind != "folder":  # the folder's classes come from its subfolders
+        names = row.classes(cfg)
+        assert len(set(names)) == len(names) and all(isinstance(name, str) for name in names)
+    assert row.quality is None or row.quality in QUALITY_METRICS
