@@ -213,14 +213,15 @@ def test_fp16_uses_a_grad_scaler_that_resumes(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_benchmark_prints_its_three_tables():
+def test_the_benchmark_prints_its_tables():
     result = subprocess.run([script("diffusion-bench"), "--quick", "--device", "cpu"],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert out.startswith("device cpu") and "torch " in out and "threads" in out
-    for heading in ("## train", "## sample", "## model"):
+    for heading in ("## train", "## sample", "## model", "## model presets", "## data"):
         assert heading in out
+    assert "| dit (patch 4" in out and "(resunet32) |" in out and "streaming / in memory" in out
     assert "| resunet |" in out and "| DDIM | diffusion-cli sample() |" in out
     assert "| DDPM | diffusers DDPMScheduler |" in out and "diffusers UNet2DModel" in out
 

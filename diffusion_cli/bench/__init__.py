@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\n## model presets: RGB at batch 32, {steps} steps per repetition\n")
         print(bench_presets(device, repeats, 1 if args.quick else steps))
     if "data" in tables:
-        counts = (64, 256) if args.quick else (2000, 20000)
+        counts = (64,) if args.quick else (2000, 20000)
         print(f"\n## data: a folder of gradient PNGs, batch {BATCH}, {steps} steps per repetition; "
               f"the MLP (width 256) so that reading weighs most\n")
         print(bench_data(device, repeats, steps, counts, args.quick))
