@@ -221,7 +221,7 @@ def test_the_benchmark_prints_its_tables():
     assert out.startswith("device cpu") and "torch " in out and "threads" in out
     for heading in ("## train", "## sample", "## model", "## model presets", "## data"):
         assert heading in out
-    assert "| dit (patch 4" in out and "(resunet32) |" in out and "streaming / in memory" in out
+    assert "| dit (patch 4" in out and "(resunet32) |" in out and "(resunet64) |" in out and "streaming / in memory" in out
     assert "| resunet |" in out and "| DDIM | diffusion-cli sample() |" in out
     assert "| DDPM | diffusers DDPMScheduler |" in out and "diffusers UNet2DModel" in out
 

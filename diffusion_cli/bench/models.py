@@ -127,14 +127,13 @@ def _forward(model, x, t, precision):
 
 # Candidates for the RGB presets (model=resunet32, resunet64): the ResUNet keys each sets.
 PRESET_CANDIDATES = {
-    32: {"[1,2,2] x1, attention middle only": ["model.channel_mults=[1,2,2]", "model.num_res_blocks=1",
-                                               "model.attention_resolutions=[]"],
-         "[1,2,2] x1, attention 16, 8": ["model.num_res_blocks=1"],
-         "[1,2,2] x2, attention 16, 8 (resunet32)": [],
-         "[1,2,2,2] x2, attention 16, 8": ["model.channel_mults=[1,2,2,2]"]},
-    64: {"[1,2,2,2] x1, attention 16, 8": ["model.num_res_blocks=1"],
-         "[1,2,2,2] x2, attention 16, 8 (resunet64)": [],
-         "[1,2,2,2] x2, attention 8 only": ["model.attention_resolutions=[8]"]},
+    32: {"[1,2,2] x1, attention middle only": ["model.attention_resolutions=[]"],
+         "[1,2,2] x1, attention 16, 8 (resunet32)": [],
+         "[1,2,2] x2, attention 16, 8": ["model.num_res_blocks=2"],
+         "[1,2,2,2] x2, attention 16, 8": ["model.channel_mults=[1,2,2,2]", "model.num_res_blocks=2"]},
+    64: {"[1,2,2,2] x1, attention 16, 8 (resunet64)": [],
+         "[1,2,2,2] x2, attention 16, 8": ["model.num_res_blocks=2"],
+         "[1,2,2,2] x2, attention 8 only": ["model.num_res_blocks=2", "model.attention_resolutions=[8]"]},
 }
 
 
