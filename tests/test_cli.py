@@ -198,6 +198,9 @@ BAD_INPUT = [
     ("diffusion-train", ["trainer.precision=fp8"], "trainer.precision"),
     ("diffusion-sample", ["ckpt=TRAINED", "precision=half"], "precision"),
     ("diffusion-sample", ["ckpt=TRAINED", "compile=maybe"], "compile"),
+]
+# The data keys and sources: the same checks as above (config rules, loaders), in-process only.
+BAD_DATA_INPUT = [
     ("diffusion-train", ["data=folder"], "data.path"),                        # no folder given
     ("diffusion-train", ["data=folder", "data.path=nowhere"], "nowhere"),
     ("diffusion-train", ["data=folder", "data.path=empty_dir"], "holds no images"),
@@ -227,7 +230,7 @@ def check_bad_input(run, trained_run, tmp_path, script, args, named):
     assert snapshot(trained_run) == before  # nothing lost
 
 
-@pytest.mark.parametrize("script, args, named", BAD_INPUT)
+@pytest.mark.parametrize("script, args, named", BAD_INPUT + BAD_DATA_INPUT)
 def test_bad_input_is_one_line_and_a_non_zero_exit(trained_run, tmp_path, script, args, named):
     """The entry points called in this process: the fast tier covers every case."""
     check_bad_input(run_in_process, trained_run, tmp_path, script, args, named)

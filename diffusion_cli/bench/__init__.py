@@ -57,9 +57,9 @@ def main(argv: list[str] | None = None) -> None:
         print(bench_sample(device, repeats, ddim_steps, T))
     if "model" in tables:
         print(f"\n## model: MNIST 1x28x28 at batch {BATCH}, {steps} steps per repetition\n")
-        print(bench_model(device, repeats, steps, args.precision))
+        print(bench_model(device, repeats, steps, args.precision, quick=args.quick))
         print(f"\n## model presets: RGB at batch 32, {steps} steps per repetition\n")
-        print(bench_presets(device, repeats, 1 if args.quick else steps))
+        print(bench_presets(device, repeats, steps, presets_only=args.quick))
     if "data" in tables:
         counts = (64,) if args.quick else (2000, 20000)
         print(f"\n## data: a folder of gradient PNGs, batch {BATCH}, {steps} steps per repetition; "

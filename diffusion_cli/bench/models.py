@@ -30,7 +30,7 @@ class DiffusersUNet(nn.Module):
         return self.net(x, t).sample
 
 
-def model_variants() -> dict[str, Callable[[], nn.Module]]:
+def model_variants(quick: bool = False) -> dict[str, Callable[[], nn.Module]]:
     """Our U-Nets as diffusion-train builds them, and diffusers' UNet2DModel of about the size of
     each resunet width."""
     from ..models import build_model
@@ -41,8 +41,9 @@ def model_variants() -> dict[str, Callable[[], nn.Module]]:
     variants = {"unet (seed U-Net, base 64)": ours("unet"),
                 "resunet base 16 (data=mnist default)": ours("resunet"),
                 "resunet base 32": ours("resunet", "model.base_channels=32"),
-                "dit (patch 4, width 128, depth 6)": ours("dit"),
-                "dit (patch 2, width 128, depth 6)": ours("dit", "model.patch_size=2")}
+                "dit (patch 4, width 128, depth 6)": ours("dit")}
+    if not quick:
+        variants["dit (patch 2, width 128, depth 6)"] = ours("dit", "model.patch_size=2")
     try:
         import diffusers  # noqa: F401
     except ImportError:
@@ -101,9 +102,9 @@ def _status_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in file if line.startswith(field + ":"))
 
 
-def bench_model(device: torch.device, repeats: int, steps: int, precision: str) -> str:
+def bench_model(device: torch.device, repeats: int, steps: int, precision: str, quick: bool = False) -> str:
     """Training and inference images/s at batch BATCH and training peak memory of every variant."""
-    variants = {name: build().to(device) for name, build in model_variants().items()}
+    variants = {name: build().to(device) for name, build in model_variants(quick).items()}
     arms, x = {}, torch.randn(BATCH, 1, 28, 28, device=device)
     t = torch.randint(0, 1000, (BATCH,), device=device)
     for name, model in variants.items():
@@ -137,8 +138,10 @@ PRESET_CANDIDATES = {
 }
 
 
-def bench_presets(device: torch.device, repeats: int, steps: int, batch: int = 32) -> str:
-    """Training images/s and parameters of the RGB preset candidates, base 32, at 32 and 64 px."""
+def bench_presets(device: torch.device, repeats: int, steps: int, batch: int = 32,
+                  presets_only: bool = False) -> str:
+    """Training images/s and parameters of the RGB preset candidates, base 32, at 32 and 64 px
+    (presets_only: the two presets alone)."""
     from hydra import compose, initialize_config_module
 
     from .. import config  # noqa: F401 (registers the schemas the config files extend)
@@ -147,6 +150,8 @@ def bench_presets(device: torch.device, repeats: int, steps: int, batch: int = 3
     arms, sizes = {}, {}
     for size, candidates in PRESET_CANDIDATES.items():
         for name, overrides in candidates.items():
+            if presets_only and overrides:
+                continue
             with initialize_config_module("diffusion_cli.conf", version_base="1.3"):
                 cfg = compose("train", overrides=["data=folder", f"data.image_size={size}",
                                                   f"model=resunet{size}", *overrides])
