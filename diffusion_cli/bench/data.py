@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .timing import BATCH, interleaved, spread, table
+from .timing import BATCH, compose_train, interleaved, spread, table
 
 
 def write_gradient_pngs(folder: Path, count: int, size: int) -> Path:
@@ -29,15 +29,10 @@ def write_gradient_pngs(folder: Path, count: int, size: int) -> Path:
 
 
 def folder_config(folder: Path, size: int, device: torch.device, in_memory: bool, workers: int, model: list[str]):
-    from hydra import compose, initialize_config_module
-
-    from .. import config  # noqa: F401 (registers the schemas the config files extend)
-
-    with initialize_config_module("diffusion_cli.conf", version_base="1.3"):
-        return compose("train", overrides=[
-            "data=folder", f"data.path={folder}", f"data.image_size={size}", f"data.in_memory={in_memory}",
-            f"data.num_workers={workers}", "data.num_eval=16", f"trainer.device={device}",
-            f"trainer.batch_size={BATCH}", *model])
+    return compose_train([
+        "data=folder", f"data.path={folder}", f"data.image_size={size}", f"data.in_memory={in_memory}",
+        f"data.num_workers={workers}", "data.num_eval=16", f"trainer.device={device}",
+        f"trainer.batch_size={BATCH}", *model])
 
 
 # The model of the speed rows: small, so that reading batches weighs as much as it can.

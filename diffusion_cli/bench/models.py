@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..runtime import autocast, use_channels_last
-from .timing import BATCH, interleaved, spread, table, train_config
+from .timing import BATCH, compose_train, interleaved, spread, table, train_config
 
 
 class DiffusersUNet(nn.Module):
@@ -142,9 +142,6 @@ def bench_presets(device: torch.device, repeats: int, steps: int, batch: int = 3
                   presets_only: bool = False) -> str:
     """Training images/s and parameters of the RGB preset candidates, base 32, at 32 and 64 px
     (presets_only: the two presets alone)."""
-    from hydra import compose, initialize_config_module
-
-    from .. import config  # noqa: F401 (registers the schemas the config files extend)
     from ..models import build_model
 
     arms, sizes = {}, {}
@@ -152,9 +149,7 @@ def bench_presets(device: torch.device, repeats: int, steps: int, batch: int = 3
         for name, overrides in candidates.items():
             if presets_only and overrides:
                 continue
-            with initialize_config_module("diffusion_cli.conf", version_base="1.3"):
-                cfg = compose("train", overrides=["data=folder", f"data.image_size={size}",
-                                                  f"model=resunet{size}", *overrides])
+            cfg = compose_train(["data=folder", f"data.image_size={size}", f"model=resunet{size}", *overrides])
             model = use_channels_last(build_model(cfg.model, cfg.data).to(device))
             step = training_step(model, device, shape=(batch, 3, size, size))
             arms[(size, name)] = lambda step=step: [step() for _ in range(steps)]

@@ -53,12 +53,17 @@ def describe(device: torch.device, repeats: int) -> str:
             f"{repeats} repetitions")
 
 
-def train_config(model: str, device: torch.device, overrides: list[str] = ()):
-    """diffusion-train's config for data=mnist and `model`, composed as the command line would."""
+def compose_train(overrides: list[str]):
+    """diffusion-train's config with `overrides`, composed as the command line would."""
     from hydra import compose, initialize_config_module
 
     from .. import config  # noqa: F401 (registers the schemas the config files extend)
 
     with initialize_config_module("diffusion_cli.conf", version_base="1.3"):
-        return compose("train", overrides=["data=mnist", f"model={model}", f"trainer.device={device}",
-                                           f"trainer.batch_size={BATCH}", *overrides])
+        return compose("train", overrides=list(overrides))
+
+
+def train_config(model: str, device: torch.device, overrides: list[str] = ()):
+    """diffusion-train's config for data=mnist and `model` at batch BATCH."""
+    return compose_train(["data=mnist", f"model={model}", f"trainer.device={device}",
+                          f"trainer.batch_size={BATCH}", *overrides])

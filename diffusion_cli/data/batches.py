@@ -7,6 +7,7 @@ the seed and the step (see EpochShards), so a resumed run starts where the last 
 import torch
 
 from .. import runtime
+from ..errors import UserError
 from . import Split, to_model_range
 from .rows import RowFile, RowReader
 
@@ -81,7 +82,8 @@ class StreamingBatches:
     def __init__(self, data: Split, device, batch_size: int, hflip: bool, labelled: bool,
                  channels_last: bool, seed: int, num_workers: int):
         if len(data.images) < runtime.world_size():
-            raise ValueError("fewer training images than processes")
+            raise UserError(f"{len(data.images)} training images cannot be shared by "
+                            f"{runtime.world_size()} processes: use more images or fewer processes")
         self.reader = RowReader(data.images, data.labels if labelled else None)
         self.batch_size, self.hflip, self.device, self.seed = batch_size, hflip, device, seed
         self.channels_last, self.num_workers = channels_last, num_workers
