@@ -1,13 +1,18 @@
-"""The MNIST classifier behind the sample-quality metrics: a small CNN the project trains once on
-MNIST train (about four minutes on 2 CPU cores) and caches, with its features of the MNIST test set.
+"""The MNIST classifier behind the sample-quality metrics: a small CNN trained on MNIST train, with
+its features of the MNIST test set. Its weights ship with the package (`weights/`, written by
+`python -m diffusion_cli.classifier`); only where that file is missing or fails its checksum is
+the classifier trained (about four minutes on 2 CPU cores) and cached.
 
 Its penultimate features give the "classifier FD" (see metrics.py): a Fréchet distance in the
 feature space of this classifier, not the Inception FID of papers, so its numbers compare runs of
 this project only.
 """
 
+import argparse
+import hashlib
 import logging
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -20,7 +25,11 @@ from .errors import UserError
 
 log = logging.getLogger(__name__)
 
-VERSION = 1  # part of the cache file name: bump it when the network or its training changes
+VERSION = 1  # part of the file names: bump it when the network or its training changes
+SHIPPED = Path(__file__).parent / "weights" / f"mnist_classifier_v{VERSION}.pt"
+# The SHA-256 of SHIPPED as `python -m diffusion_cli.classifier` wrote it: a truncated or altered
+# file is not trusted.
+SHIPPED_SHA256 = "d2f6918433f2ecbd0c4959bb8fd127d0e8730c9f1c33306a56ee299f43290267"
 FEATURES = 128
 TRAIN_STEPS, BATCH_SIZE, MAX_LR, SEED = 3000, 128, 2e-3, 0
 
@@ -77,8 +86,22 @@ def train_classifier(root: str, download: bool, steps: int = TRAIN_STEPS) -> dic
             "test_mean": features.mean(0), "test_cov": features.T.cov()}
 
 
-def load_classifier(root: str, download: bool) -> tuple[Classifier, dict]:
-    """The cached classifier (trained and cached on first use) and its cache entry."""
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def shipped_entry() -> Path | None:
+    """The package's classifier file, or None (with a warning) where it is missing or altered."""
+    if not SHIPPED.exists():
+        return None
+    if sha256(SHIPPED) != SHIPPED_SHA256:
+        log.warning(f"{SHIPPED} fails its checksum: training the classifier instead")
+        return None
+    return SHIPPED
+
+
+def cached_entry(root: str, download: bool) -> Path:
+    """The classifier in the cache, trained and written there on first use."""
     path = cache_dir() / f"mnist_classifier_v{VERSION}.pt"
     if not path.exists():
         log.info(f"training the MNIST classifier for the quality metrics: once, about four minutes on 2 CPU cores; "
@@ -93,7 +116,33 @@ def load_classifier(root: str, download: bool) -> tuple[Classifier, dict]:
                             f"DIFFUSION_CLI_CACHE to a writable folder") from None
         log.info(f"MNIST classifier: test accuracy {entry['test_accuracy']:.4f} "
                  f"({time.perf_counter() - started:.0f} s)")
+    return path
+
+
+def load_classifier(root: str, download: bool) -> tuple[Classifier, dict]:
+    """The classifier (the package's, else the cache's) and its entry: weights, test accuracy and
+    the test set's feature statistics."""
+    path = shipped_entry() or cached_entry(root, download)
     entry = torch.load(path, map_location="cpu", weights_only=True)
     model = Classifier()
     model.load_state_dict(entry["model"])
     return model.eval(), entry
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Train the classifier and write the file the package ships; prints its accuracy and checksum."""
+    parser = argparse.ArgumentParser(prog="python -m diffusion_cli.classifier", description=main.__doc__)
+    parser.add_argument("--data", default="./data", help="folder with MNIST/raw/*-ubyte (or to download into)")
+    parser.add_argument("--download", action="store_true", help="download MNIST into --data when missing")
+    parser.add_argument("--out", type=Path, default=SHIPPED, help=f"where to write it (default: {SHIPPED})")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    entry = train_classifier(args.data, args.download)
+    with atomic_write(args.out, "wb") as file:
+        torch.save(entry, file)
+    print(f"{args.out}: test accuracy {entry['test_accuracy']:.4f}, sha256 {sha256(args.out)} "
+          f"({time.perf_counter() - started:.0f} s); set SHIPPED_SHA256 in classifier.py to ship it")
+
+
+if __name__ == "__main__":
+    main()

@@ -87,6 +87,15 @@ class ScheduleConfig:
 
 
 @dataclass
+class EDMScheduleConfig(ScheduleConfig):
+    sigma_min: float = MISSING
+    sigma_max: float = MISSING
+    rho: float = MISSING
+    p_mean: float = MISSING
+    p_std: float = MISSING
+
+
+@dataclass
 class TrainerConfig:
     seed: int = MISSING
     device: str = MISSING
@@ -122,7 +131,8 @@ class SamplerConfig:
 
 
 @dataclass
-class DDIMConfig(SamplerConfig):
+class EtaSamplerConfig(SamplerConfig):
+    """ddim and dpmpp_2m: eta scales the noise each step adds (0 = deterministic)."""
     eta: float = MISSING
 
 
@@ -154,9 +164,12 @@ def register_schemas() -> None:
     store.store(group="schema/model", name="resunet", node=ResUNetConfig)
     store.store(group="schema/model", name="dit", node=DiTConfig)
     store.store(group="schema/schedule", name="schedule", node=ScheduleConfig)
+    store.store(group="schema/schedule", name="edm", node=EDMScheduleConfig)
     store.store(group="schema/trainer", name="trainer", node=TrainerConfig)
     store.store(group="schema/sampler", name="ddpm", node=SamplerConfig)
-    store.store(group="schema/sampler", name="ddim", node=DDIMConfig)
+    store.store(group="schema/sampler", name="ddim", node=EtaSamplerConfig)
+    store.store(group="schema/sampler", name="dpmpp_2m", node=EtaSamplerConfig)
+    store.store(group="schema/sampler", name="heun", node=SamplerConfig)
     store.store(group="schema", name="sample", node=SampleConfig)
 
 
@@ -204,6 +217,10 @@ RULES = [
     ("schedule.T", _positive, "an integer >= 1"),
     ("schedule.beta_start", _probability_or_none, "a number strictly between 0 and 1"),
     ("schedule.beta_end", _probability_or_none, "a number strictly between 0 and 1"),
+    ("schedule.sigma_min", lambda v: v > 0, "a number > 0, e.g. 0.002"),
+    ("schedule.sigma_max", lambda v: v > 0, "a number > 0, e.g. 80"),
+    ("schedule.rho", lambda v: v > 0, "a number > 0, e.g. 7"),
+    ("schedule.p_std", lambda v: v > 0, "a number > 0, e.g. 1.2"),
     ("data.num_train", _positive, "an integer >= 1"),
     ("data.num_eval", _positive, "an integer >= 1"),
     ("data.channels", _positive, "an integer >= 1"),
@@ -274,7 +291,7 @@ def validate(cfg: DictConfig) -> None:
             raise UserError(f"{key}={value} is not allowed: use {allowed}")
     schedule = cfg.get("schedule")
     if schedule is not None:
-        check_linear_betas(schedule)
+        check_schedule(schedule)
         if "sampler" in cfg:
             check_sampler_steps(cfg.sampler, schedule.T)
     if "model" in cfg:
@@ -285,7 +302,10 @@ def validate(cfg: DictConfig) -> None:
         resolve_device(cfg.device)
 
 
-def check_linear_betas(schedule: DictConfig) -> None:
+def check_schedule(schedule: DictConfig) -> None:
+    if schedule.kind == "edm" and schedule.sigma_min >= schedule.sigma_max:
+        raise UserError(f"schedule.sigma_min={schedule.sigma_min} is not below schedule.sigma_max="
+                        f"{schedule.sigma_max}: use e.g. sigma_min=0.002 sigma_max=80")
     if schedule.kind != "linear":
         return
     if None in (schedule.beta_start, schedule.beta_end):

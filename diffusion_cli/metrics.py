@@ -5,8 +5,11 @@ import torch
 from .classifier import load_classifier
 from .data import DATASETS, gradient_grid
 
-# A sample counts as a valid gradient when its residual RMS (in [0, 1] units) is below this.
+# A sample counts as a valid gradient when its residual RMS (in [0, 1] units) is below VALID_RMS
+# and its fitted colors lie within [-COLOR_SLACK, 1 + COLOR_SLACK]: a gradient that overshoots the
+# data's color range (and is clipped there) is not one of the data's.
 VALID_RMS = 0.02
+COLOR_SLACK = 0.02
 
 
 def gradient_fit(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,19 +31,26 @@ def gradient_quality(images: torch.Tensor) -> dict[str, float]:
     """How close samples in [0, 1] are to the gradient data.
 
     rms: mean residual RMS of the per-channel fit (0 = perfect gradients);
-    valid_frac: fraction of samples with residual RMS < VALID_RMS;
+    valid_frac: fraction of samples with residual RMS < VALID_RMS and every fitted color within
+    COLOR_SLACK of [0, 1];
+    clipped_frac: fraction of samples with a pixel at exactly 0 or 1 (where the sampler clips; the
+    data has them only where a color is exactly 0 or 255: about 5% of images);
     color_std: spread of the fitted colors (the data's, uniform on [0, 1], is 0.289);
     color_ks: Kolmogorov-Smirnov distance between the fitted colors and Uniform[0, 1], the data's
     distribution (0 = the same spread; a model that paints few color pairs scores high).
     """
-    rms, colors = gradient_fit(images.cpu())
+    images = images.cpu()
+    rms, colors = gradient_fit(images)
+    in_range = ((colors >= -COLOR_SLACK) & (colors <= 1 + COLOR_SLACK)).flatten(1).all(1)
+    clipped = ((images == 0) | (images == 1)).flatten(1).any(1)
     values = colors.flatten().clamp(0, 1).sort().values
     n = len(values)
     below = torch.arange(1, n + 1) / n                      # empirical CDF just after each value
     ks = torch.maximum(below - values, values - (below - 1 / n)).max()
     return {
         "rms": rms.mean().item(),
-        "valid_frac": (rms < VALID_RMS).float().mean().item(),
+        "valid_frac": ((rms < VALID_RMS) & in_range).float().mean().item(),
+        "clipped_frac": clipped.float().mean().item(),
         "color_std": values.std().item(),
         "color_ks": ks.item(),
     }
@@ -96,7 +106,7 @@ def mnist_quality(images: torch.Tensor, classifier, reference: dict,
 
 
 # Every metric sample_quality may return, in the order logs show them.
-QUALITY_KEYS = ("rms", "valid_frac", "color_std", "color_ks", "classifier_fd", "confident_frac",
+QUALITY_KEYS = ("rms", "valid_frac", "clipped_frac", "color_std", "color_ks", "classifier_fd", "confident_frac",
                 "class_entropy", "label_accuracy")
 
 

@@ -1,4 +1,5 @@
-"""The training objective (Ho et al. 2020): draw one timestep t per sample and noise eps, form
+"""The training objective (Ho et al. 2020): draw one timestep t per sample (uniformly, or as the
+schedule says) and noise eps, form
 x_t = q_sample(x0, t, eps), and regress the model's output on its target (eps, x0 or v, as
 model.prediction says) with an MSE loss, optionally min-SNR weighted."""
 
@@ -29,7 +30,7 @@ def training_loss(model, schedule: NoiseSchedule, x0: torch.Tensor, generator: t
     cond_drop_prob, which trains the unconditional model that guidance needs. `prediction` and
     `num_classes` default to the model's own attributes (a DDP wrapper has none: pass them)."""
     prediction = prediction or model.prediction
-    t = torch.randint(0, schedule.T, (x0.shape[0],), generator=generator, device=x0.device)
+    t = schedule.training_timesteps(x0.shape[0], generator, x0.device)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device)
     if labels is not None:
         null = model.num_classes if num_classes is None else num_classes

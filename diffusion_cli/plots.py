@@ -68,8 +68,8 @@ def denoising(model, schedule, cfg, path: Path, count: int = 8, columns: int = 1
                         generator=generator,
                         return_all_steps=True, labels=labels).cpu()
     # The timestep each state is the model's input at; the last state is the sample itself.
-    inputs = (ddim_timesteps(schedule.T, steps) if sampler.kind == "ddim"
-              else schedule.respaced(steps).timesteps.flip(0).tolist())
+    inputs = (schedule.respaced(steps).timesteps.flip(0).tolist() if sampler.kind == "ddpm"
+              else ddim_timesteps(schedule.T, steps))
     titles = [f"t={t}" for t in inputs] + ["sample"]
     shown = [round(k * steps / (columns - 1)) for k in range(columns)]
     figure, axes = plt.subplots(count, columns, figsize=(columns * 0.9, count * 0.9), squeeze=False)

@@ -120,7 +120,121 @@ def ddim(denoise: Denoiser, schedule: NoiseSchedule, x: torch.Tensor, *, steps: 
     return torch.stack(trajectory) if return_all_steps else x
 
 
-SAMPLERS = ("ddpm", "ddim")
+def alpha_sigma(schedule: NoiseSchedule, t: int) -> tuple[float, float]:
+    """(sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)): x_t = alpha x0 + sigma eps. t = -1 is the clean
+    image, (1, 0)."""
+    if t < 0:
+        return 1.0, 0.0
+    return (schedule.numbers["sqrt_alpha_bars"][t], schedule.numbers["sqrt_one_minus_alpha_bars"][t])
+
+
+def half_log_snr(alpha: float, sigma: float) -> float:
+    """lambda = log(alpha / sigma), DPM-Solver's time variable; inf for the clean image."""
+    return math.log(alpha / sigma) if sigma > 0 else math.inf
+
+
+def dpmpp_2m_step(x: torch.Tensor, x0: torch.Tensor, previous_x0: torch.Tensor | None, ratio: float | None,
+                  now: tuple[float, float], then: tuple[float, float], eta: float,
+                  noise: torch.Tensor | None) -> torch.Tensor:
+    """One DPM-Solver++(2M) step (Lu et al. 2022, multistep second order, midpoint form as in
+    diffusers) from noise level `now` = (alpha, sigma) to `then`, in the half log-SNR
+    lambda = log(alpha / sigma): with h = lambda_then - lambda_now,
+        x_then = (sigma_then / sigma_now) e^(-eta h) x + alpha_then (1 - e^(-(1 + eta) h)) D
+                 + sigma_then sqrt(1 - e^(-2 eta h)) z,
+    D = x0 + (x0 - previous_x0) / (2 r), r = h_previous / h (`ratio`), or x0 alone on the first
+    and last steps. eta = 0 is the ODE solver (DPMSolverMultistepScheduler's "dpmsolver++"), eta = 1
+    the SDE one ("sde-dpmsolver++"). The last step, to sigma = 0, returns x0."""
+    (alpha_now, sigma_now), (alpha_then, sigma_then) = now, then
+    if sigma_then == 0:
+        return x0
+    h = half_log_snr(*then) - half_log_snr(*now)
+    denoised = x0 if previous_x0 is None else combine(1 + 0.5 / ratio, x0, -0.5 / ratio, previous_x0)
+    x_then = combine(sigma_then / sigma_now * math.exp(-eta * h), x,
+                     alpha_then * -math.expm1(-(1 + eta) * h), denoised)
+    if eta > 0 and noise is not None:
+        x_then.add_(noise, alpha=sigma_then * math.sqrt(-math.expm1(-2 * eta * h)))
+    return x_then
+
+
+def dpmpp_2m(denoise: Denoiser, schedule: NoiseSchedule, x: torch.Tensor, *, steps: int,
+             eta: float = 0.0, prediction: str = "eps", clip_x0: bool = True,
+             generator: torch.Generator | None = None, return_all_steps: bool = False,
+             progress: bool = False) -> torch.Tensor:
+    """DPM-Solver++(2M) over `steps` trailing-spaced timesteps (one model evaluation each); eta > 0
+    adds the SDE variant's noise."""
+    timesteps = ddim_timesteps(schedule.T, steps) + [-1]
+    trajectory, previous_x0, previous_h = [x], None, None
+    for k, t in enumerate(tqdm(timesteps[:-1], desc="sampling", disable=not progress, leave=False)):
+        output = denoise(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)).to(x.dtype)
+        _, x0 = schedule.eps_and_x0(x, t, output, prediction)
+        if clip_x0:
+            x0 = clamped(x0, output)
+        now, then = alpha_sigma(schedule, t), alpha_sigma(schedule, timesteps[k + 1])
+        h = half_log_snr(*then) - half_log_snr(*now)
+        noise = randn(x.shape, generator, x.device) if eta > 0 and then[1] > 0 else None
+        ratio = previous_h / h if previous_h is not None else None
+        x = dpmpp_2m_step(x, x0, previous_x0, ratio, now, then, eta, noise)
+        previous_x0, previous_h = x0, h
+        if return_all_steps:
+            trajectory.append(x)
+    return torch.stack(trajectory) if return_all_steps else x
+
+
+SIGMA_MAX = 80.0  # Karras et al.'s top noise level: above it the ODE is a straight line
+
+
+def karras_timesteps(schedule: NoiseSchedule, steps: int, rho: float = 7.0) -> list[int]:
+    """T-1, then `steps` - 1 timesteps whose noise levels s = sigma / alpha follow Karras et al.
+    2022 (eq. 5) from min(s at T-1, SIGMA_MAX) down to s at 0: evenly spaced in s^(1/rho), so the
+    steps shrink with the noise level. Each level is rounded (in log s) to the nearest training
+    timestep, so the model sees only timesteps it was trained on. Uniform timesteps would take the
+    first step from s in the thousands (cosine) or hundreds (linear) to a few in one go: too far
+    for a trapezoid rule, whose error there grows with the step."""
+    s = (schedule.sqrt_one_minus_alpha_bars / schedule.sqrt_alpha_bars).double().cpu()
+    if steps == 1:
+        return [schedule.T - 1]
+    ramp = torch.linspace(0, 1, steps - 1, dtype=torch.float64)
+    top, bottom = min(s[-1].item(), SIGMA_MAX) ** (1 / rho), s[0] ** (1 / rho)
+    targets = (top + ramp * (bottom - top)) ** rho
+    nearest = (s.log()[None] - targets.log()[:, None]).abs().argmin(1)
+    return sorted(set(nearest.tolist()) | {schedule.T - 1}, reverse=True)
+
+
+def heun(denoise: Denoiser, schedule: NoiseSchedule, x: torch.Tensor, *, steps: int,
+         prediction: str = "eps", clip_x0: bool = True, generator: torch.Generator | None = None,
+         return_all_steps: bool = False, progress: bool = False) -> torch.Tensor:
+    """Heun's second-order method on the probability-flow ODE (Karras et al. 2022, Algorithm 1,
+    deterministic) over `steps` Karras-spaced timesteps, then to the clean image: 2 steps - 1
+    model evaluations. In y = x / alpha and s = sigma / alpha the ODE is dy/ds = eps(x, t): an Euler
+    step is a DDIM step, and Heun averages eps at both of its ends. Two steps stay Euler steps: the
+    last, to s = 0, and the first where it comes down from above SIGMA_MAX (there eps is constant
+    to a few parts in a million, and half the difference of two such values times a step of
+    thousands would be the only error)."""
+    timesteps = karras_timesteps(schedule, steps) + [-1]
+
+    def eps_at(x: torch.Tensor, t: int) -> torch.Tensor:
+        output = denoise(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)).to(x.dtype)
+        eps, x0 = schedule.eps_and_x0(x, t, output, prediction)
+        if clip_x0:  # as DDIM: eps consistent with the clipped x0
+            eps, _ = schedule.eps_and_x0(x, t, clamped(x0, output), "x0")
+        return eps
+
+    trajectory = [x]
+    for k, t in enumerate(tqdm(timesteps[:-1], desc="sampling", disable=not progress, leave=False)):
+        (alpha, sigma), (alpha_next, sigma_next) = alpha_sigma(schedule, t), alpha_sigma(schedule, timesteps[k + 1])
+        ds = sigma_next / alpha_next - sigma / alpha
+        eps = eps_at(x, t)
+        euler = combine(alpha_next / alpha, x, alpha_next * ds, eps)   # alpha' (y + ds eps)
+        if sigma_next > 0 and sigma / alpha <= SIGMA_MAX:
+            eps = eps.add_(eps_at(euler, timesteps[k + 1])).mul_(0.5)
+            euler = combine(alpha_next / alpha, x, alpha_next * ds, eps)
+        x = euler
+        if return_all_steps:
+            trajectory.append(x)
+    return torch.stack(trajectory) if return_all_steps else x
+
+
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "heun")
 
 
 @torch.inference_mode()
@@ -132,10 +246,11 @@ def sample(model: nn.Module, schedule: NoiseSchedule, shape, *, sampler: str = "
            prediction: str | None = None) -> torch.Tensor:
     """Draw images of `shape` (B, C, H, W) from the model, in [-1, 1].
 
-    sampler: "ddpm" (ancestral) or "ddim" (Song et al. 2021, with `eta` from 0 = deterministic
-    to 1 = DDPM-like noise).
+    sampler: "ddpm" (ancestral), "ddim" (Song et al. 2021, with `eta` from 0 = deterministic
+    to 1 = DDPM-like noise), "dpmpp_2m" (DPM-Solver++(2M), Lu et al. 2022; `eta` 1 = its SDE form)
+    or "heun" (Karras et al. 2022; two model evaluations per step but the last).
     steps: sampling steps, default all T; DDPM with fewer uses respaced betas (Nichol & Dhariwal
-    2021), DDIM trailing-spaced timesteps.
+    2021), the others trailing-spaced timesteps.
     return_all_steps: also return every intermediate x, as a (steps + 1, B, ...) tensor from x_T.
     x_T: the initial noise; drawn from `generator` when not given.
     labels: (B,) class indices for a class-conditional model; guidance_scale: classifier-free
@@ -155,8 +270,11 @@ def sample(model: nn.Module, schedule: NoiseSchedule, shape, *, sampler: str = "
         denoise = denoiser(model, labels, guidance_scale)
         if sampler == "ddpm":
             result = ddpm(denoise, schedule.respaced(steps), x, **options)
+        elif sampler == "heun":
+            result = heun(denoise, schedule, x, steps=steps, **options)
         else:
-            result = ddim(denoise, schedule, x, steps=steps, eta=eta, **options)
+            result = {"ddim": ddim, "dpmpp_2m": dpmpp_2m}[sampler](denoise, schedule, x, steps=steps,
+                                                                  eta=eta, **options)
     return result if return_all_steps else result.clamp(-1, 1)
 
 

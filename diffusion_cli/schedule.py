@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 
-SCHEDULE_KINDS = ("linear", "cosine")
+SCHEDULE_KINDS = ("linear", "cosine", "edm")
 # What the network outputs: the noise eps, the clean image x0, or v = sqrt(ab) eps - sqrt(1-ab) x0
 # (Salimans & Ho 2022). The loss is an MSE in that parameterisation; the samplers convert.
 PREDICTIONS = ("eps", "x0", "v")
@@ -31,7 +31,32 @@ def make_betas(kind: str, T: int, beta_start: float | None = None, beta_end: flo
         s = 0.008
         f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
         return (1 - f[1:] / f[:-1]).clamp(max=0.999)
-    raise ValueError(f"schedule.kind={kind!r} is unknown; choose one of: {', '.join(SCHEDULE_KINDS)}")
+    raise ValueError(f"schedule.kind={kind!r} has no beta formula; choose linear or cosine (edm: edm_schedule)")
+
+
+def edm_levels(T: int, sigma_min: float, sigma_max: float, rho: float) -> torch.Tensor:
+    """The noise levels s_t = sigma_t / alpha_t of schedule=edm, t = 0 ... T-1, in float64: Karras et
+    al. 2022 (eq. 5), evenly spaced in s^(1/rho) from sigma_min up to sigma_max."""
+    ramp = torch.linspace(0, 1, T, dtype=torch.float64)
+    return (sigma_min ** (1 / rho) + ramp * (sigma_max ** (1 / rho) - sigma_min ** (1 / rho))) ** rho
+
+
+def edm_schedule(T: int, sigma_min: float, sigma_max: float, rho: float, p_mean: float, p_std: float
+                 ) -> "NoiseSchedule":
+    """EDM (Karras et al. 2022) as a discrete variance-preserving schedule. EDM's x = x0 + s n, fed
+    to the network as c_in x = x / sqrt(1 + s^2) (for sigma_data = 1), is the VP x_t with
+    alpha_bar_t = 1 / (1 + s_t^2); its preconditioned output and loss weighting are then those of
+    v-prediction with an unweighted loss (model.prediction=v). What it adds: noise levels from
+    sigma_min to sigma_max on the Karras grid, and training levels drawn from EDM's log-normal,
+    ln s ~ N(p_mean, p_std^2) (discretised onto the grid), which spends the training on the middle
+    noise levels instead of uniformly in t."""
+    levels = edm_levels(T, sigma_min, sigma_max, rho)
+    alpha_bars = 1 / (1 + levels ** 2)
+    previous = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bars[:-1]])
+    log_levels = levels.log()
+    widths = torch.gradient(log_levels)[0]           # each level's share of the ln s axis
+    density = torch.exp(-0.5 * ((log_levels - p_mean) / p_std) ** 2)
+    return NoiseSchedule(betas=1 - alpha_bars / previous, train_weights=density * widths)
 
 
 def combine(a, x: torch.Tensor, b, y: torch.Tensor) -> torch.Tensor:
@@ -51,7 +76,7 @@ class NoiseSchedule(nn.Module):
 
     def __init__(self, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
                  kind: str = "linear", *, betas: torch.Tensor | None = None,
-                 timesteps: torch.Tensor | None = None):
+                 timesteps: torch.Tensor | None = None, train_weights: torch.Tensor | None = None):
         super().__init__()
         betas = make_betas(kind, T, beta_start, beta_end) if betas is None else betas.double()
         self.T = len(betas)
@@ -83,6 +108,16 @@ class NoiseSchedule(nn.Module):
         if timesteps is None:
             timesteps = torch.arange(self.T)
         self.register_buffer("timesteps", timesteps.long(), persistent=False)
+        # How often training draws each timestep, relative: None is uniform.
+        self.register_buffer("train_weights", None if train_weights is None else train_weights.float(),
+                             persistent=False)
+
+    def training_timesteps(self, n: int, generator: torch.Generator, device) -> torch.Tensor:
+        """n timesteps for a training batch, one per sample: uniform on 0 ... T-1, or drawn by
+        the schedule's `train_weights`."""
+        if self.train_weights is None:
+            return torch.randint(0, self.T, (n,), generator=generator, device=device)
+        return torch.multinomial(self.train_weights.to(device), n, replacement=True, generator=generator)
 
     def _at(self, name: str, t: torch.Tensor | int, x: torch.Tensor) -> torch.Tensor | float:
         """The coefficient `name` at t: for a (B,) tensor, shaped (B, 1, 1, ...) to broadcast
@@ -161,6 +196,8 @@ class NoiseSchedule(nn.Module):
 
     @classmethod
     def from_config(cls, cfg) -> "NoiseSchedule":
+        if cfg.kind == "edm":
+            return edm_schedule(cfg.T, cfg.sigma_min, cfg.sigma_max, cfg.rho, cfg.p_mean, cfg.p_std)
         return cls(T=cfg.T, beta_start=cfg.beta_start, beta_end=cfg.beta_end, kind=cfg.kind)
 
     def extra_repr(self) -> str:

@@ -13,8 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ["DIFFUSION_CLI_DATA"] = os.path.abspath(
     os.environ.get("DIFFUSION_CLI_DATA", ROOT.parent / "shared" / "data"))
 
-# The MNIST classifier cache of this test session (the mnist_classifier fixture fills it), so tests
-# never read or write the user's ~/.cache.
+# A cache of this test session, so tests never read or write the user's ~/.cache.
 os.environ["DIFFUSION_CLI_CACHE"] = tempfile.mkdtemp(prefix="diffusion-cli-cache-")
 
 # Tiny settings that keep a whole training run to a few seconds on 2 CPU cores.
@@ -88,16 +87,11 @@ def has_mnist() -> bool:
 
 @pytest.fixture(scope="session")
 def mnist_classifier():
-    """A classifier trained for 200 steps (seconds, not the real one's minutes) stands in for the
-    cached one; returns (model, cache entry)."""
+    """The classifier the package ships; returns (model, its entry)."""
     if not has_mnist():
         pytest.skip("no MNIST beside the checkout")
-    import torch
     from diffusion_cli import classifier
 
-    path = classifier.cache_dir() / f"mnist_classifier_v{classifier.VERSION}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(classifier.train_classifier(os.environ["DIFFUSION_CLI_DATA"], False, steps=200), path)
     return classifier.load_classifier(os.environ["DIFFUSION_CLI_DATA"], False)
 
 

@@ -248,3 +248,17 @@ def test_hydra_full_error_shows_the_traceback(tmp_path):
     result = run_cli("diffusion-train", "schedule.T=abc", cwd=tmp_path, check=False,
                      env={"HYDRA_FULL_ERROR": "1"})
     assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_edm_schedule_trains_and_every_sampler_draws_from_it(tmp_path):
+    run = tmp_path / "edm"
+    result = run_in_process("diffusion-train", *TINY_TRAIN, "schedule=edm", "model.prediction=v",
+                            "sampler=dpmpp_2m", "sampler.steps=4", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert checkpoint.load(run)[2].schedule.kind == "edm"
+    for sampler in ("ddpm", "ddim", "dpmpp_2m", "heun"):
+        result = run_in_process("diffusion-sample", f"ckpt={run}", "num_samples=3", f"sampler={sampler}",
+                                "sampler.steps=4", f"hydra.run.dir={tmp_path / sampler}", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        images = torch.load(tmp_path / sampler / "samples.pt", weights_only=True)
+        assert images.shape == (3, 3, 16, 16) and torch.isfinite(images).all()

@@ -39,6 +39,18 @@ def test_quality_of_the_data_itself_is_perfect():
     q = gradient_quality(make_gradients(512, (3, 16, 16), seed=3))
     assert q["rms"] < 1e-5 and q["valid_frac"] == 1.0
     assert q["color_std"] == pytest.approx(0.289, abs=0.02) and q["color_ks"] < 0.05
+    assert 0.01 < q["clipped_frac"] < 0.1  # a color of exactly 0 or 255: 6 colors x 2/256
+
+
+def test_quality_rejects_gradients_that_overshoot_the_color_range():
+    """Stretched 10% past [0, 1] and clipped: each image stays close to a gradient in RMS, but
+    its fitted colors leave the data's range, and its pixels pile up at 0 and 1."""
+    data = make_gradients(512, (3, 16, 16), seed=3)
+    stretched = ((data - 0.5) * 1.1 + 0.5).clamp(0, 1)
+    q = gradient_quality(stretched)
+    outside = ((data - 0.5) * 1.1 + 0.5 < -0.02) | ((data - 0.5) * 1.1 + 0.5 > 1.02)
+    assert q["valid_frac"] < 1 - 0.5 * outside.flatten(1).any(1).float().mean().item()
+    assert q["clipped_frac"] > 0.4
 
 
 def test_quality_flags_noise_and_collapse():

@@ -29,13 +29,14 @@ def test_frechet_distance_is_zero_for_the_same_gaussian_and_symmetric():
     assert abs(frechet_distance(*stats_a, *stats_b) - expected.item()) < 1e-6
 
 
-@pytest.mark.slow  # trains the stand-in classifier on MNIST (~40 s)
-def test_the_classifier_learns_mnist_and_the_metrics_tell_real_from_broken(mnist_classifier):
+@pytest.mark.slow  # reads the MNIST test set and classifies 3200 digits (~10 s)
+def test_the_shipped_classifier_knows_mnist_and_the_metrics_tell_real_from_broken(mnist_classifier):
     classifier, entry = mnist_classifier
-    assert entry["test_accuracy"] > 0.9  # 200 steps; the real one (1500 steps) scores about 0.99
+    assert entry["test_accuracy"] > 0.99
     images, labels = load_mnist(os.environ["DIFFUSION_CLI_DATA"], False, train=False)
     real = mnist_quality(images[:500], classifier, entry, labels[:500])
-    assert real["confident_frac"] > 0.8 and real["class_entropy"] > 3.2 and real["label_accuracy"] > 0.9
+    assert real["confident_frac"] > 0.95 and real["class_entropy"] > 3.2 and real["label_accuracy"] > 0.98
+    torch.testing.assert_close(classifier(images[:100]).argmax(1), labels[:100], atol=0, rtol=0)
     noise = mnist_quality(torch.rand(500, 1, 28, 28), classifier, entry)
     assert noise["classifier_fd"] > 10 * real["classifier_fd"]
     ones = images[:2000][labels[:2000] == 1][:200]
@@ -56,3 +57,29 @@ def test_training_the_classifier_leaves_the_global_random_state_alone(monkeypatc
     assert torch.equal(torch.get_rng_state(), before)
     second = classifier.train_classifier("unused", False, steps=2)
     assert all(torch.equal(first["model"][k], second["model"][k]) for k in first["model"])  # still seeded
+
+
+def test_the_package_ships_the_classifier_and_loads_it_without_training(monkeypatch):
+    from diffusion_cli import classifier
+
+    assert classifier.sha256(classifier.SHIPPED) == classifier.SHIPPED_SHA256
+    monkeypatch.setattr(classifier, "train_classifier", lambda *args: pytest.fail("trained a classifier"))
+    model, entry = classifier.load_classifier("no-data-needed", False)
+    assert entry["version"] == classifier.VERSION and entry["test_mean"].shape == (classifier.FEATURES,)
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_an_altered_shipped_classifier_is_not_trusted_and_is_trained_instead(monkeypatch, tmp_path, caplog):
+    from diffusion_cli import classifier
+
+    altered = tmp_path / "mnist_classifier_v1.pt"
+    altered.write_bytes(classifier.SHIPPED.read_bytes()[:-10])  # truncated
+    monkeypatch.setattr(classifier, "SHIPPED", altered)
+    monkeypatch.setenv("DIFFUSION_CLI_CACHE", str(tmp_path / "cache"))
+    fake = (torch.rand(64, 1, 28, 28), torch.arange(64) % 10)
+    monkeypatch.setattr(classifier, "load_mnist", lambda root, download, train: fake)
+    trained = classifier.train_classifier
+    monkeypatch.setattr(classifier, "train_classifier", lambda root, download: trained(root, download, steps=2))
+    _, entry = classifier.load_classifier("unused", False)
+    assert "fails its checksum" in caplog.text
+    assert (tmp_path / "cache" / "mnist_classifier_v1.pt").exists() and entry["version"] == classifier.VERSION

@@ -1,4 +1,5 @@
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,3 +95,44 @@ def test_respacing_keeps_alpha_bars_at_the_kept_timesteps():
     assert r.T == 50 and r.timesteps[0].item() == 0 and r.timesteps[-1].item() == 999
     torch.testing.assert_close(r.alpha_bars, s.alpha_bars[r.timesteps], rtol=1e-5, atol=1e-7)
     assert s.respaced(1000) is s
+
+
+def edm_config(**values):
+    from omegaconf import OmegaConf
+    cfg = OmegaConf.load(Path(__file__).parents[1] / "conf" / "schedule" / "edm.yaml")
+    cfg.pop("defaults")
+    return OmegaConf.merge(cfg, values)
+
+
+def test_edm_schedule_is_the_karras_grid_as_a_variance_preserving_schedule():
+    s = NoiseSchedule.from_config(edm_config(T=50))
+    levels = (s.sqrt_one_minus_alpha_bars / s.sqrt_alpha_bars).double()
+    ramp = torch.linspace(0, 1, 50, dtype=torch.float64)
+    expected = (0.002 ** (1 / 7) + ramp * (80 ** (1 / 7) - 0.002 ** (1 / 7))) ** 7
+    torch.testing.assert_close(levels, expected, rtol=1e-4, atol=0)
+    torch.testing.assert_close(s.alpha_bars.double(), 1 / (1 + expected ** 2), rtol=1e-5, atol=0)
+
+
+def test_edm_schedule_draws_training_levels_from_its_log_normal():
+    s = NoiseSchedule.from_config(edm_config(p_mean=-0.5, p_std=0.8))
+    t = s.training_timesteps(200_000, torch.Generator().manual_seed(0), "cpu")
+    log_levels = (s.sqrt_one_minus_alpha_bars / s.sqrt_alpha_bars)[t].log()
+    assert log_levels.mean().item() == pytest.approx(-0.5, abs=0.02)
+    assert log_levels.std().item() == pytest.approx(0.8, abs=0.02)
+    uniform = NoiseSchedule(T=1000).training_timesteps(200_000, torch.Generator().manual_seed(0), "cpu")
+    assert uniform.float().mean().item() == pytest.approx(499.5, abs=3)
+
+
+def test_v_prediction_on_the_edm_schedule_is_edm_preconditioning():
+    """EDM: y = x0 + s n, D(y) = c_skip y + c_out F(c_in y), trained on lambda(s) |D - x0|^2 with
+    c_in = 1/sqrt(1 + s^2), c_skip = 1/(1 + s^2), c_out = s/sqrt(1 + s^2), lambda = 1/c_out^2
+    (sigma_data = 1). The VP x_t is c_in y, F's target is -v, and lambda |D - x0|^2 = |F + v|^2."""
+    s = NoiseSchedule.from_config(edm_config())
+    t = torch.tensor([0, 300, 700, 999])
+    x0, n = torch.rand(4, 1, 3, 3) * 2 - 1, torch.randn(4, 1, 3, 3)
+    level = (s.sqrt_one_minus_alpha_bars / s.sqrt_alpha_bars)[t].view(-1, 1, 1, 1).double()
+    y = x0.double() + level * n.double()
+    c_in, c_skip, c_out = 1 / (1 + level ** 2).sqrt(), 1 / (1 + level ** 2), level / (1 + level ** 2).sqrt()
+    torch.testing.assert_close(s.q_sample(x0, t, n).double(), c_in * y, rtol=1e-4, atol=1e-5)
+    target_f = (x0.double() - c_skip * y) / c_out
+    torch.testing.assert_close(-s.target(x0, t, n, "v").double(), target_f, rtol=1e-4, atol=1e-4)
