@@ -14,7 +14,7 @@ import torch  # noqa: E402
 
 from .atomic import atomic_write  # noqa: E402
 from .models import image_shape  # noqa: E402
-from .sampling import ddim_timesteps, model_device, sample, sampler_options  # noqa: E402
+from .sampling import model_device, sample, sampler_options, sampler_timesteps  # noqa: E402
 
 
 def save(figure, path: Path) -> None:
@@ -68,10 +68,9 @@ def denoising(model, schedule, cfg, path: Path, count: int = 8, columns: int = 1
                         generator=generator,
                         return_all_steps=True, labels=labels).cpu()
     # The timestep each state is the model's input at; the last state is the sample itself.
-    inputs = (schedule.respaced(steps).timesteps.flip(0).tolist() if sampler.kind == "ddpm"
-              else ddim_timesteps(schedule.T, steps))
+    inputs = sampler_timesteps(sampler.kind, schedule, steps)
     titles = [f"t={t}" for t in inputs] + ["sample"]
-    shown = [round(k * steps / (columns - 1)) for k in range(columns)]
+    shown = [round(k * len(inputs) / (columns - 1)) for k in range(columns)]
     figure, axes = plt.subplots(count, columns, figsize=(columns * 0.9, count * 0.9), squeeze=False)
     for column, k in enumerate(shown):
         axes[0, column].set_title(titles[k], fontsize=8)
@@ -80,7 +79,7 @@ def denoising(model, schedule, cfg, path: Path, count: int = 8, columns: int = 1
             axes[row, column].imshow(image.squeeze(-1) if image.shape[-1] == 1 else image,
                                      cmap="gray", vmin=0, vmax=1, interpolation="nearest")
             axes[row, column].axis("off")
-    figure.suptitle(f"reverse process ({sampler.kind}, {steps} steps): x_T on the left", fontsize=9)
+    figure.suptitle(f"reverse process ({sampler.kind}, {len(inputs)} steps): x_T on the left", fontsize=9)
     save(figure, path)
 
 

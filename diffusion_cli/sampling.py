@@ -184,20 +184,18 @@ SIGMA_MAX = 80.0  # Karras et al.'s top noise level: above it the ODE is a strai
 
 
 def karras_timesteps(schedule: NoiseSchedule, steps: int, rho: float = 7.0) -> list[int]:
-    """T-1, then `steps` - 1 timesteps whose noise levels s = sigma / alpha follow Karras et al.
-    2022 (eq. 5) from min(s at T-1, SIGMA_MAX) down to s at 0: evenly spaced in s^(1/rho), so the
-    steps shrink with the noise level. Each level is rounded (in log s) to the nearest training
-    timestep, so the model sees only timesteps it was trained on. Uniform timesteps would take the
-    first step from s in the thousands (cosine) or hundreds (linear) to a few in one go: too far
-    for a trapezoid rule, whose error there grows with the step."""
+    """`steps` timesteps from T-1 down to 0 whose noise levels s = sigma / alpha follow Karras et al.
+    2022 (eq. 5): evenly spaced in s^(1/rho) from min(s at T-1, SIGMA_MAX) to s at 0, so the steps
+    shrink with the noise level; the first is T-1 itself, where sampling starts. Each level is
+    rounded (in log s) to the nearest training timestep, so the model sees only timesteps it was
+    trained on. Uniform timesteps would take the first step from s in the thousands (cosine) or
+    hundreds (linear) to a few in one go: too far for a trapezoid rule."""
     s = (schedule.sqrt_one_minus_alpha_bars / schedule.sqrt_alpha_bars).double().cpu()
-    if steps == 1:
-        return [schedule.T - 1]
-    ramp = torch.linspace(0, 1, steps - 1, dtype=torch.float64)
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
     top, bottom = min(s[-1].item(), SIGMA_MAX) ** (1 / rho), s[0] ** (1 / rho)
     targets = (top + ramp * (bottom - top)) ** rho
-    nearest = (s.log()[None] - targets.log()[:, None]).abs().argmin(1)
-    return sorted(set(nearest.tolist()) | {schedule.T - 1}, reverse=True)
+    nearest = (s.log()[None] - targets.log()[:, None]).abs().argmin(1).tolist()
+    return sorted(set([schedule.T - 1] + nearest[1:]), reverse=True)
 
 
 def heun(denoise: Denoiser, schedule: NoiseSchedule, x: torch.Tensor, *, steps: int,
@@ -205,7 +203,7 @@ def heun(denoise: Denoiser, schedule: NoiseSchedule, x: torch.Tensor, *, steps: 
          return_all_steps: bool = False, progress: bool = False) -> torch.Tensor:
     """Heun's second-order method on the probability-flow ODE (Karras et al. 2022, Algorithm 1,
     deterministic) over `steps` Karras-spaced timesteps, then to the clean image: 2 steps - 1
-    model evaluations. In y = x / alpha and s = sigma / alpha the ODE is dy/ds = eps(x, t): an Euler
+    model evaluations (2 steps - 2 from a top above SIGMA_MAX, as linear's and cosine's). In y = x / alpha and s = sigma / alpha the ODE is dy/ds = eps(x, t): an Euler
     step is a DDIM step, and Heun averages eps at both of its ends. Two steps stay Euler steps: the
     last, to s = 0, and the first where it comes down from above SIGMA_MAX (there eps is constant
     to a few parts in a million, and half the difference of two such values times a step of
@@ -225,7 +223,7 @@ def heun(denoise: Denoiser, schedule: NoiseSchedule, x: torch.Tensor, *, steps: 
         ds = sigma_next / alpha_next - sigma / alpha
         eps = eps_at(x, t)
         euler = combine(alpha_next / alpha, x, alpha_next * ds, eps)   # alpha' (y + ds eps)
-        if sigma_next > 0 and sigma / alpha <= SIGMA_MAX:
+        if sigma_next > 0 and (k > 0 or sigma / alpha < 1.01 * SIGMA_MAX):
             eps = eps.add_(eps_at(euler, timesteps[k + 1])).mul_(0.5)
             euler = combine(alpha_next / alpha, x, alpha_next * ds, eps)
         x = euler
@@ -235,6 +233,15 @@ def heun(denoise: Denoiser, schedule: NoiseSchedule, x: torch.Tensor, *, steps: 
 
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "heun")
+
+
+def sampler_timesteps(sampler: str, schedule: NoiseSchedule, steps: int) -> list[int]:
+    """The timestep of each state a sampler steps from, x_T first (the last state is the sample)."""
+    if sampler == "ddpm":
+        return schedule.respaced(steps).timesteps.flip(0).tolist()
+    if sampler == "heun":
+        return karras_timesteps(schedule, steps)
+    return ddim_timesteps(schedule.T, steps)
 
 
 @torch.inference_mode()
@@ -248,7 +255,8 @@ def sample(model: nn.Module, schedule: NoiseSchedule, shape, *, sampler: str = "
 
     sampler: "ddpm" (ancestral), "ddim" (Song et al. 2021, with `eta` from 0 = deterministic
     to 1 = DDPM-like noise), "dpmpp_2m" (DPM-Solver++(2M), Lu et al. 2022; `eta` 1 = its SDE form)
-    or "heun" (Karras et al. 2022; two model evaluations per step but the last).
+    or "heun" (Karras et al. 2022; two model evaluations per step, but one on the last step and
+    on a first step from above SIGMA_MAX).
     steps: sampling steps, default all T; DDPM with fewer uses respaced betas (Nichol & Dhariwal
     2021), the others trailing-spaced timesteps.
     return_all_steps: also return every intermediate x, as a (steps + 1, B, ...) tensor from x_T.

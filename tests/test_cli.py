@@ -172,7 +172,8 @@ BAD_INPUT = [
     ("diffusion-train", ["schedule.T=abc"], "schedule.T"),                   # wrong type
     ("diffusion-train", ["schedule.T=0"], "schedule.T"),
     ("diffusion-train", ["schedule.beta_end=1.5"], "schedule.beta_end"),     # beta outside (0, 1)
-    ("diffusion-train", ["schedule.beta_start=0.5"], "beta_start"),          # beta_start > beta_end
+    ("diffusion-train", ["schedule=linear", "schedule.beta_start=0.5"], "beta_start"),          # beta_start > beta_end
+    ("diffusion-train", ["schedule=edm", "schedule.sigma_min=100"], "sigma_min"),  # sigma_min > sigma_max
     ("diffusion-train", ["trainer.batch_size=0"], "trainer.batch_size"),
     ("diffusion-train", ["trainer.lr=-1"], "trainer.lr"),
     ("diffusion-train", ["data=mnist", "data.root=nowhere", "data.download=false"], "nowhere"),
@@ -253,7 +254,7 @@ def test_hydra_full_error_shows_the_traceback(tmp_path):
 def test_edm_schedule_trains_and_every_sampler_draws_from_it(tmp_path):
     run = tmp_path / "edm"
     result = run_in_process("diffusion-train", *TINY_TRAIN, "schedule=edm", "model.prediction=v",
-                            "sampler=dpmpp_2m", "sampler.steps=4", f"hydra.run.dir={run}", cwd=tmp_path)
+                            "sampler=heun", "sampler.steps=4", f"hydra.run.dir={run}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert checkpoint.load(run)[2].schedule.kind == "edm"
     for sampler in ("ddpm", "ddim", "dpmpp_2m", "heun"):

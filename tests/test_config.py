@@ -67,7 +67,7 @@ def test_wrong_types_and_unknown_names_fail_at_compose_time(override):
     ("schedule.T=0", "schedule.T"),
     ("schedule.beta_start=0", "schedule.beta_start"),
     ("schedule.beta_end=1.5", "schedule.beta_end"),
-    ("schedule.beta_start=0.03", "schedule.beta_start"),   # above beta_end
+    ("schedule=linear schedule.beta_start=0.03", "schedule.beta_start"),   # above beta_end
     ("trainer.batch_size=-1", "trainer.batch_size"),
     ("trainer.lr=-0.1", "trainer.lr"),
     ("trainer.max_steps=0", "trainer.max_steps"),
@@ -81,7 +81,7 @@ def test_wrong_types_and_unknown_names_fail_at_compose_time(override):
 ])
 def test_out_of_range_values_name_their_key(override, key):
     with pytest.raises(UserError, match=key.replace(".", r"\.")) as error:
-        validate(compose_train(override))
+        validate(compose_train(*override.split()))
     assert "\n" not in str(error.value)
 
 

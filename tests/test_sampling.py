@@ -285,3 +285,16 @@ def test_high_order_samplers_solve_the_probability_flow_ode_to_second_order(kind
     assert error("dpmpp_2m", 20) < error("ddim", 20) / 3
     assert error("heun", 20) / error("heun", 50) > 4 > 3 > error("ddim", 20) / error("ddim", 50)
     assert error("heun", 1000) < 2e-4  # converges, to the float32 coefficients' precision
+
+
+@pytest.mark.parametrize("kind, evaluations", [("linear", 18), ("edm", 19)])
+def test_heun_evaluates_the_model_twice_per_step_but_at_the_ends(kind, evaluations):
+    """10 steps: Karras-spaced timesteps from T-1 down to 0, each evaluated twice except the last
+    (an Euler step to the clean image) and, where the schedule's top is above SIGMA_MAX, the first."""
+    from omegaconf import OmegaConf
+    cfg = OmegaConf.create(dict(kind=kind, T=1000, beta_start=1e-4, beta_end=0.02, sigma_min=0.002,
+                                sigma_max=80.0, rho=7.0, p_mean=-1.2, p_std=1.2))
+    s, model = NoiseSchedule.from_config(cfg), TimestepRecorder()
+    sample(model, s, (2, 1, 4, 4), sampler="heun", steps=10)
+    assert len(model.seen) == evaluations and model.seen[0] == 999 and model.seen[-1] == 0
+    assert len(set(model.seen)) == 10
