@@ -90,7 +90,7 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def shipped_entry() -> Path | None:
+def shipped_file() -> Path | None:
     """The package's classifier file, or None (with a warning) where it is missing or altered."""
     if not SHIPPED.exists():
         return None
@@ -100,7 +100,7 @@ def shipped_entry() -> Path | None:
     return SHIPPED
 
 
-def cached_entry(root: str, download: bool) -> Path:
+def cached_file(root: str, download: bool) -> Path:
     """The classifier in the cache, trained and written there on first use."""
     path = cache_dir() / f"mnist_classifier_v{VERSION}.pt"
     if not path.exists():
@@ -122,7 +122,7 @@ def cached_entry(root: str, download: bool) -> Path:
 def load_classifier(root: str, download: bool) -> tuple[Classifier, dict]:
     """The classifier (the package's, else the cache's) and its entry: weights, test accuracy and
     the test set's feature statistics."""
-    path = shipped_entry() or cached_entry(root, download)
+    path = shipped_file() or cached_file(root, download)
     entry = torch.load(path, map_location="cpu", weights_only=True)
     model = Classifier()
     model.load_state_dict(entry["model"])
