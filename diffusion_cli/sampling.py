@@ -133,21 +133,20 @@ def half_log_snr(alpha: float, sigma: float) -> float:
     return math.log(alpha / sigma) if sigma > 0 else math.inf
 
 
-def dpmpp_2m_step(x: torch.Tensor, x0: torch.Tensor, previous_x0: torch.Tensor | None, ratio: float | None,
-                  now: tuple[float, float], then: tuple[float, float], eta: float,
+def dpmpp_2m_step(x: torch.Tensor, x0: torch.Tensor, previous_x0: torch.Tensor | None, h: float,
+                  ratio: float | None, now: tuple[float, float], then: tuple[float, float], eta: float,
                   noise: torch.Tensor | None) -> torch.Tensor:
     """One DPM-Solver++(2M) step (Lu et al. 2022, multistep second order, midpoint form as in
     diffusers) from noise level `now` = (alpha, sigma) to `then`, in the half log-SNR
-    lambda = log(alpha / sigma): with h = lambda_then - lambda_now,
+    lambda = log(alpha / sigma): with h = lambda_then - lambda_now (given),
         x_then = (sigma_then / sigma_now) e^(-eta h) x + alpha_then (1 - e^(-(1 + eta) h)) D
                  + sigma_then sqrt(1 - e^(-2 eta h)) z,
     D = x0 + (x0 - previous_x0) / (2 r), r = h_previous / h (`ratio`), or x0 alone on the first
     and last steps. eta = 0 is the ODE solver (DPMSolverMultistepScheduler's "dpmsolver++"), eta = 1
     the SDE one ("sde-dpmsolver++"). The last step, to sigma = 0, returns x0."""
-    (alpha_now, sigma_now), (alpha_then, sigma_then) = now, then
+    sigma_now, (alpha_then, sigma_then) = now[1], then
     if sigma_then == 0:
         return x0
-    h = half_log_snr(*then) - half_log_snr(*now)
     denoised = x0 if previous_x0 is None else combine(1 + 0.5 / ratio, x0, -0.5 / ratio, previous_x0)
     x_then = combine(sigma_then / sigma_now * math.exp(-eta * h), x,
                      alpha_then * -math.expm1(-(1 + eta) * h), denoised)
@@ -173,7 +172,7 @@ def dpmpp_2m(denoise: Denoiser, schedule: NoiseSchedule, x: torch.Tensor, *, ste
         h = half_log_snr(*then) - half_log_snr(*now)
         noise = randn(x.shape, generator, x.device) if eta > 0 and then[1] > 0 else None
         ratio = previous_h / h if previous_h is not None else None
-        x = dpmpp_2m_step(x, x0, previous_x0, ratio, now, then, eta, noise)
+        x = dpmpp_2m_step(x, x0, previous_x0, h, ratio, now, then, eta, noise)
         previous_x0, previous_h = x0, h
         if return_all_steps:
             trajectory.append(x)
