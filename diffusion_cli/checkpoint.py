@@ -176,7 +176,8 @@ def _random_states(rng: dict) -> tuple[str, list[dict]]:
 RESUMABLE = ("trainer.max_steps", "trainer.device", "trainer.log_every", "trainer.eval_every",
              "trainer.sample_every", "trainer.checkpoint_every", "trainer.keep_checkpoints",
              "trainer.num_grid_images", "trainer.quality_every", "trainer.num_quality_images",
-             "trainer.max_nonfinite_skips", "trainer.precision", "trainer.compile", "sampler")
+             "trainer.max_nonfinite_skips", "trainer.precision", "trainer.compile", "sampler",
+             "logger", "sweep")
 
 
 def resumed_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, dict]:

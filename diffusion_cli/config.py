@@ -19,6 +19,7 @@ from .models import MODELS
 from .runtime import PRECISIONS, resolve_device
 from .sampling import SAMPLERS
 from .schedule import PREDICTIONS, SCHEDULE_KINDS
+from .tracking import check_available
 
 
 @dataclass
@@ -296,6 +297,7 @@ def validate(cfg: DictConfig) -> None:
             check_sampler_steps(cfg.sampler, schedule.T)
     if "model" in cfg:
         check_num_classes(cfg.model, cfg.data)
+    check_available(cfg.get("logger"))
     if "trainer" in cfg:
         resolve_device(cfg.trainer.device, key="trainer.device")
     if "device" in cfg:

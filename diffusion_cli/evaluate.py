@@ -73,9 +73,9 @@ def reconstructions(model, schedule: NoiseSchedule, data: Split, seed: int) -> t
     return torch.cat(rows)
 
 
-def write_grids(model, schedule, cfg, step: int, run_dir, eval_data: Split) -> None:
+def write_grids(model, schedule, cfg, step: int, run_dir, eval_data: Split) -> dict:
     """The sample grid (fixed seed, so grids are comparable across steps; one row per class for a
-    class-conditional model) and the reconstruction grid."""
+    class-conditional model) and the reconstruction grid; returns their paths by name."""
     labels, nrow = None, 0
     if model.num_classes:
         per_class = -(-cfg.trainer.num_grid_images // model.num_classes)
@@ -84,10 +84,12 @@ def write_grids(model, schedule, cfg, step: int, run_dir, eval_data: Split) -> N
     samples = sample_images(model, schedule, cfg.sampler, (count, *image_shape(cfg.data)),
                             batch_size=cfg.trainer.batch_size, seed=cfg.trainer.seed, labels=labels)
     titles = list(cfg.data.get("classes") or []) if model.num_classes else None
-    save_grid(samples, run_dir / "samples" / f"step_{step:07d}.png", nrow, row_titles=titles)
     shown = eval_data.head(8)
-    save_grid(to_unit(reconstructions(model, schedule, shown, cfg.trainer.seed)),
-              run_dir / "reconstructions" / f"step_{step:07d}.png", nrow=len(shown.images))
+    return {"samples": save_grid(samples, run_dir / "samples" / f"step_{step:07d}.png", nrow,
+                                 row_titles=titles),
+            "reconstructions": save_grid(to_unit(reconstructions(model, schedule, shown, cfg.trainer.seed)),
+                                         run_dir / "reconstructions" / f"step_{step:07d}.png",
+                                         nrow=len(shown.images))}
 
 
 def quality(model, schedule: NoiseSchedule, cfg: DictConfig) -> dict:
@@ -107,14 +109,16 @@ def due(step: int, every: int, last_step: int) -> bool:
 
 
 def evaluate(record: dict, step: int, model, schedule: NoiseSchedule, evaluator: Evaluator,
-             cfg: DictConfig, run_dir, eval_data: Split) -> None:
+             cfg: DictConfig, run_dir, eval_data: Split) -> dict:
     """What is due at `step`: the eval loss and quality metrics go into `record`, the grids into
-    run_dir."""
+    run_dir (returns their paths by name: none when no grid was due)."""
     tc = cfg.trainer
+    grids = {}
     with autocast(schedule.betas.device, tc.precision):
         if due(step, tc.eval_every, tc.max_steps):
             record["eval_loss"], record["eval_loss_by_t"] = evaluator.loss(model)
         if due(step, tc.sample_every, tc.max_steps):
-            write_grids(model, schedule, cfg, step, run_dir, eval_data)
+            grids = write_grids(model, schedule, cfg, step, run_dir, eval_data)
         if tc.num_quality_images and quality_metric(cfg.data) and due(step, tc.quality_every, tc.max_steps):
             record.update(quality(model, schedule, cfg))
+    return grids

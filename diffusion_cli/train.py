@@ -34,6 +34,7 @@ from .objectives import training_loss
 from .runtime import autocast, compiled, convolutional, resolve_device, use_channels_last, use_fast_math
 from .schedule import NoiseSchedule
 from .stopping import GracefulStop, Stopped
+from .tracking import Trackers
 
 log = logging.getLogger(__name__)
 
@@ -184,11 +185,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
              + (", streamed" if isinstance(train_data.images, RowFile) else ""))
 
     metrics_file = open(run_dir / "metrics.jsonl", "a") if main_rank else nullcontext()
+    trackers = Trackers(cfg, run_dir, start_step) if main_rank else nullcontext()
     result, skipped_logged = {}, 0
     logged_step, interval_start = start_step, time.perf_counter()
     progress = tqdm(total=tc.max_steps, initial=start_step, desc="training", unit="step",
                     dynamic_ncols=True, disable=not main_rank)
-    with logging_redirect_tqdm(), metrics_file, progress, GracefulStop() as stop:
+    with logging_redirect_tqdm(), metrics_file, trackers, progress, GracefulStop() as stop:
         for step in range(start_step + 1, tc.max_steps + 1):
             trainer(step)
             progress.update()
@@ -219,8 +221,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 progress.set_postfix(loss=f"{loss:.4f}")
             work_started = time.perf_counter()
             if main_rank:
-                evaluate(record, step, sampling_model, schedule, evaluator, cfg, run_dir, eval_data)
+                grids = evaluate(record, step, sampling_model, schedule, evaluator, cfg, run_dir, eval_data)
                 log_record(record, step, metrics_file, result, run_dir)
+                trackers.log(step, record, grids)
             if checkpoint_due or stopping:
                 # Every rank's random states, gathered (a collective); rank 0 writes.
                 rng = {"device_type": device.type, "ranks": runtime.gather(trainer.random_states())}
@@ -235,7 +238,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                               exit_code=130 if stop.requested == "SIGINT" else 143)
             interval_start += time.perf_counter() - work_started  # images/s counts training only
 
-    result.update(steps=tc.max_steps, wall_s=time.perf_counter() - started)
+        result.update(steps=tc.max_steps, wall_s=time.perf_counter() - started)
+        if main_rank:
+            trackers.finish(result)
     if not main_rank:
         return result
     plots.denoising(sampling_model, schedule, cfg, run_dir / "denoising.png")
