@@ -11,7 +11,7 @@ from hydra.errors import HydraException, MissingConfigException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 import torch.distributed as dist
-from omegaconf import DictConfig, open_dict, read_write
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
 from . import checkpoint, runtime
@@ -52,10 +52,20 @@ def console_script(hydra_main):
 _NOISE = ("full_key:", "object_type=", "reference_type=", "Config search path", "provider=")
 
 
+# Hydra plugins that come with an extra of this project: a missing one names its extra.
+PLUGIN_EXTRAS = {"hydra/sweeper/optuna": "optuna", "hydra/launcher/joblib": "joblib",
+                 "hydra/launcher/submitit_local": "submitit", "hydra/launcher/submitit_slurm": "submitit"}
+
+
 def describe(error: Exception) -> str:
     """Hydra's multi-line message for a bad config, as one line."""
-    if isinstance(error, MissingConfigException) and error.options:
-        return f"{str(error).splitlines()[0]}; choose one of: {', '.join(error.options)}"
+    if isinstance(error, MissingConfigException):
+        first = str(error).splitlines()[0]
+        extra = next((extra for plugin, extra in PLUGIN_EXTRAS.items() if f"'{plugin}'" in first), None)
+        if extra:
+            return f"{first}: that plugin comes with an extra: pip install -e '.[{extra}]'"
+        if error.options:
+            return f"{first}; choose one of: {', '.join(error.options)}"
     parts = [error] + ([error.__cause__] if error.__cause__ is not None else [])
     lines = [line.strip() for part in parts for line in str(part).splitlines()]
     return "; ".join(line.rstrip(".") for line in lines if line and not line.startswith(_NOISE))
@@ -102,6 +112,11 @@ class Callbacks(Callback):
         rows = write_summary(sweep_dir) if sweep_dir.is_dir() else []
         failed = sum(row["status"] != "ok" for row in rows)
         print(f"wrote {sweep_dir / 'summary.csv'}: {len(rows)} jobs, {failed} failed")
+        best = next((row for row in rows if row["best"]), None)
+        if best:
+            objective = config.sweep.objective
+            print(f"best ({config.sweep.direction} {objective}): {best['run_dir']}, {objective} "
+                  f"{best[objective]}")
         if failed:
             fail(f"{failed} of {len(rows)} sweep jobs failed; their errors are in the summary's "
                  f"error column", code=1)
@@ -121,31 +136,40 @@ def share_run_dir(config: DictConfig) -> None:
             config.hydra.job_logging.handlers.console.level = "WARNING"
 
 
-def run_task(task, cfg: DictConfig) -> None:
-    """Run task(cfg, run_dir) as a Hydra job. A UserError ends a single run with one line and exit
-    code 2; in a sweep the job is recorded as failed and the other jobs go on."""
+def run_task(task, cfg: DictConfig) -> float | None:
+    """Run task(cfg, run_dir) as a Hydra job; returns the value of its `sweep.objective` metric
+    (what an Optuna sweeper optimises; None for a failed job or without an objective). A
+    UserError ends a single run with one line and exit code 2; in a sweep the job is recorded as
+    failed and the other jobs go on."""
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     overrides = list(hydra_cfg.overrides.task)
+    objective = OmegaConf.to_container(cfg.sweep) if "sweep" in cfg else None
+
+    def result(metrics: dict, status: str, error: str = "") -> None:
+        write_result(run_dir, overrides, metrics, status, error, objective)
+
+    metrics = {}
     try:
         validate(cfg)
         metrics = task(cfg, run_dir)
     except Stopped as stopped:  # a signal: the whole command stops, sweep included
-        write_result(run_dir, overrides, {}, "stopped", str(stopped))
+        result({}, "stopped", str(stopped))
         fail(str(stopped), code=stopped.exit_code, label="stopped")
     except UserError as error:
         if not multirun:
             fail(str(error))
         log.error(f"job failed: {error}")
-        write_result(run_dir, overrides, {}, "failed", str(error))
+        result({}, "failed", str(error))
     except Exception as error:
         if not multirun:
             raise
         log.exception("job failed")  # the traceback goes to the job's log; the sweep goes on
-        write_result(run_dir, overrides, {}, "failed", f"{type(error).__name__}: {error}")
+        result({}, "failed", f"{type(error).__name__}: {error}")
     else:
         if runtime.is_main():  # under torchrun, rank 0 writes
-            write_result(run_dir, overrides, metrics, "ok")
+            result(metrics, "ok")
     if multirun:
         write_summary(Path(hydra_cfg.sweep.dir))
+    return metrics.get(objective["objective"]) if objective else None

@@ -15,6 +15,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from . import checkpoint
 from .data import DATASETS, class_names
 from .errors import UserError
+from .metrics import quality_keys
 from .models import MODELS
 from .runtime import PRECISIONS, resolve_device
 from .sampling import SAMPLERS
@@ -266,6 +267,7 @@ RULES = [
     ("overwrite", lambda v: isinstance(v, bool), "true or false"),
     ("trainer.precision", *_one_of(tuple(PRECISIONS))),
     ("precision", *_one_of(tuple(PRECISIONS))),
+    ("sweep.direction", *_one_of(("minimize", "maximize"))),
     ("sampler.steps", lambda v: v is None or v >= 1, "null (all T) or an integer >= 1"),
     ("sampler.eta", lambda v: 0 <= v <= 1, "a number from 0 (deterministic) to 1"),
     ("num_samples", _positive, "an integer >= 1"),
@@ -298,6 +300,8 @@ def validate(cfg: DictConfig) -> None:
     if "model" in cfg:
         check_num_classes(cfg.model, cfg.data)
     check_available(cfg.get("logger"))
+    if "sweep" in cfg:
+        check_objective(cfg)
     if "trainer" in cfg:
         resolve_device(cfg.trainer.device, key="trainer.device")
     if "device" in cfg:
@@ -316,6 +320,16 @@ def check_schedule(schedule: DictConfig) -> None:
     if schedule.beta_start > schedule.beta_end:
         raise UserError(f"schedule.beta_start={schedule.beta_start} is above schedule.beta_end="
                         f"{schedule.beta_end}: the noise must grow, so use beta_start <= beta_end")
+
+
+def check_objective(cfg: DictConfig) -> None:
+    """sweep.objective must be a final metric this run reports."""
+    available = ["loss", "eval_loss"] + list(quality_keys(cfg.data) if cfg.trainer.num_quality_images else [])
+    if not cfg.model.num_classes and "label_accuracy" in available:
+        available.remove("label_accuracy")
+    if cfg.sweep.objective not in available:
+        raise UserError(f"sweep.objective={cfg.sweep.objective} is not a final metric of this run: use "
+                        f"one of {', '.join(available)}")
 
 
 def check_num_classes(model_cfg: DictConfig, data_cfg: DictConfig) -> None:

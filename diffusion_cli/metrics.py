@@ -105,9 +105,11 @@ def mnist_quality(images: torch.Tensor, classifier, reference: dict,
     return result
 
 
-# Every metric sample_quality may return, in the order logs show them.
-QUALITY_KEYS = ("rms", "valid_frac", "clipped_frac", "color_std", "color_ks", "classifier_fd", "confident_frac",
-                "class_entropy", "label_accuracy")
+# The metrics each quality metric returns, in the order logs show them (label_accuracy: for a
+# class-conditional model).
+GRADIENT_KEYS = ("rms", "valid_frac", "clipped_frac", "color_std", "color_ks")
+CLASSIFIER_KEYS = ("classifier_fd", "confident_frac", "class_entropy", "label_accuracy")
+QUALITY_KEYS = GRADIENT_KEYS + CLASSIFIER_KEYS
 
 
 def classifier_quality(images: torch.Tensor, data_cfg, labels: torch.Tensor | None = None) -> dict:
@@ -125,6 +127,11 @@ QUALITY_METRICS = {
 def quality_metric(data_cfg):
     """The in-project quality metric of the data's kind, or None (FID tools take over: see README)."""
     return QUALITY_METRICS.get(DATASETS[data_cfg.kind].quality)
+
+
+def quality_keys(data_cfg) -> tuple[str, ...]:
+    """The metrics quality_metric(data_cfg) returns (none without one)."""
+    return {"gradients": GRADIENT_KEYS, "mnist_classifier": CLASSIFIER_KEYS}.get(DATASETS[data_cfg.kind].quality, ())
 
 
 def sample_quality(images: torch.Tensor, data_cfg, labels: torch.Tensor | None = None) -> dict[str, float]:

@@ -83,9 +83,11 @@ def denoising(model, schedule, cfg, path: Path, count: int = 8, columns: int = 1
     save(figure, path)
 
 
-def sweep_summary(sweep_dir: Path, rows: list[dict], swept: list[str], metrics: list[str]) -> None:
+def sweep_summary(sweep_dir: Path, rows: list[dict], swept: list[str], metrics: list[str],
+                  objective: str | None = None) -> None:
     """summary.png: each final metric (rows of plots) against each swept key (columns); the points
-    of jobs that share the other swept values are joined by a line."""
+    of jobs that share the other swept values are joined by a line; a star marks the best row of
+    the objective (summary.csv's `best`)."""
     done = [row for row in rows if row.get("status") == "ok"]
     metrics = [m for m in metrics if any(_number(row.get(m)) is not None for row in done)]
     if not done or not swept or not metrics:
@@ -107,12 +109,21 @@ def sweep_summary(sweep_dir: Path, rows: list[dict], swept: list[str], metrics: 
                     axes[r, column].plot(*zip(*points), "o-", label=name or None, color=f"C{line}")
         for r, metric in enumerate(metrics):
             ax = axes[r, column]
-            ax.set_xticks(range(len(values)), values)
+            for row in done:
+                if row.get("best") and _number(row.get(metric)) is not None:
+                    ax.plot(values.index(row[key]), _number(row[metric]), "*", markersize=16,
+                            color="gold", markeredgecolor="black", zorder=3)
+            ax.set_xticks(range(len(values)), [_short(value) for value in values],
+                          rotation=45 if len(values) > 4 else 0)
             ax.set(xlabel=key if r == len(metrics) - 1 else None, ylabel=metric if column == 0 else None)
             ax.grid(alpha=0.3)
         if others:
             axes[0, column].legend(fontsize=7)
-    figure.suptitle(f"final metrics of {len(done)} sweep jobs", fontsize=10)
+    best = next((row for row in done if row.get("best")), None)
+    title = f"final metrics of {len(done)} sweep jobs"
+    if best and objective:
+        title += f"; \u2605 best {objective}: {best[objective]} ({Path(best['run_dir']).name}/)"
+    figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     save(figure, sweep_dir / "summary.png")
 
@@ -123,6 +134,12 @@ def _number(value):
     except (TypeError, ValueError):
         return None
     return number if math.isfinite(number) else None
+
+
+def _short(value: str) -> str:
+    """A tick label: numbers to 3 significant digits (an Optuna trial's lr has 17)."""
+    number = _number(value)
+    return f"{number:.3g}" if number is not None else value
 
 
 def _sort_key(value: str):

@@ -3,10 +3,12 @@ summary.csv (and its picture, summary.png) in the sweep dir is rebuilt from all 
 failed or parallel job loses no row.
 
 summary.csv has one row per job: a column per swept key (an override whose value differs between
-jobs), the final metrics, then steps, wall_s, run_dir, status and error."""
+jobs), the final metrics, then steps, wall_s, run_dir, status, error and `best`: a `*` on the row
+whose `sweep.objective` metric is best in `sweep.direction` (what an Optuna search optimises)."""
 
 import csv
 import json
+import math
 from pathlib import Path
 
 from . import plots
@@ -14,13 +16,15 @@ from .atomic import atomic_write
 from .metrics import QUALITY_KEYS
 
 RESULT_FILE = "result.json"
-TRAILING_COLUMNS = ["steps", "wall_s", "run_dir", "status", "error"]
+TRAILING_COLUMNS = ["steps", "wall_s", "run_dir", "status", "error", "best"]
 
 
-def write_result(run_dir: Path, overrides: list[str], metrics: dict, status: str, error: str = "") -> None:
-    """This job's row: the command-line overrides by full key, its final metrics and its status."""
+def write_result(run_dir: Path, overrides: list[str], metrics: dict, status: str, error: str = "",
+                 objective: dict | None = None) -> None:
+    """This job's row: the command-line overrides by full key, its final metrics, its status and
+    the sweep's objective ({"objective": metric, "direction": ...}, when the command has one)."""
     row = {"overrides": dict(_split(override) for override in overrides), **metrics,
-           "run_dir": str(run_dir), "status": status, "error": error}
+           "run_dir": str(run_dir), "status": status, "error": error, "sweep": objective or {}}
     with atomic_write(run_dir / RESULT_FILE) as file:
         file.write(json.dumps(row, indent=2))
 
@@ -38,17 +42,33 @@ def write_summary(sweep_dir: Path) -> list[dict]:
     override_keys = [key for key in _ordered_keys(row["overrides"] for row in results)
                      if len({row["overrides"].get(key) for row in results}) > 1]
     metric_keys = [key for key in _ordered_keys(results)
-                   if key not in ["overrides", *TRAILING_COLUMNS]]
+                   if key not in ["overrides", "sweep", *TRAILING_COLUMNS]]
     columns = override_keys + metric_keys + TRAILING_COLUMNS
+    best = best_result(results)
     rows = [{**{key: row["overrides"].get(key, "") for key in override_keys},
-             **{key: _cell(row.get(key, "")) for key in metric_keys + TRAILING_COLUMNS}}
+             **{key: _cell(row.get(key, "")) for key in metric_keys + TRAILING_COLUMNS},
+             "best": "*" if row is best else ""}
             for row in results]
     with atomic_write(sweep_dir / "summary.csv", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
-    plots.sweep_summary(sweep_dir, rows, override_keys, ["eval_loss", *QUALITY_KEYS, "sampling_s"])
+    objective = best["sweep"]["objective"] if best else None
+    metrics = list(dict.fromkeys([objective, "eval_loss", *QUALITY_KEYS, "sampling_s"] if objective
+                                 else ["eval_loss", *QUALITY_KEYS, "sampling_s"]))
+    plots.sweep_summary(sweep_dir, rows, override_keys, metrics, objective)
     return rows
+
+
+def best_result(results: list[dict]) -> dict | None:
+    """The finished job whose objective metric is best (the first of equals), or None."""
+    scored = [row for row in results if row["status"] == "ok" and row.get("sweep")
+              and isinstance(row.get(row["sweep"]["objective"]), (int, float))
+              and math.isfinite(row[row["sweep"]["objective"]])]
+    if not scored:
+        return None
+    sign = -1 if scored[0]["sweep"]["direction"] == "maximize" else 1
+    return min(scored, key=lambda row: sign * row[row["sweep"]["objective"]])
 
 
 def _cell(value):

@@ -281,8 +281,8 @@ def check_nonfinite(step: int, count: int, cfg: DictConfig, run_dir: Path) -> No
 
 
 @hydra.main(version_base="1.3", config_path="pkg://diffusion_cli.conf", config_name="train")
-def main(cfg: DictConfig) -> None:
-    run_task(train, cfg)
+def main(cfg: DictConfig) -> float | None:
+    return run_task(train, cfg)  # the sweep objective's value, for Optuna
 
 
 cli = console_script(main)

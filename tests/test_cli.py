@@ -199,6 +199,10 @@ BAD_INPUT = [
     ("diffusion-train", ["trainer.precision=fp8"], "trainer.precision"),
     ("diffusion-sample", ["ckpt=TRAINED", "precision=half"], "precision"),
     ("diffusion-sample", ["ckpt=TRAINED", "compile=maybe"], "compile"),
+    ("diffusion-train", ["logger=neptune"], "neptune"),                       # not a tracker
+    ("diffusion-train", ["experiment=mnist_1h"], "mnist_1h"),                 # not a preset
+    ("diffusion-train", ["sweep.objective=fid"], "sweep.objective"),           # not a metric of the run
+    ("diffusion-train", ["sweep.direction=up"], "sweep.direction"),
 ]
 # The data keys and sources: the same checks as above (config rules, loaders), in-process only.
 BAD_DATA_INPUT = [

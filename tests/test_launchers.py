@@ -25,3 +25,5 @@ def test_a_joblib_sweep_writes_a_complete_summary(tmp_path):
     rows = list(csv.DictReader(open(sweep / "summary.csv")))
     assert [row["schedule.T"] for row in rows] == ["10", "20"]
     assert all(row["status"] == "ok" and float(row["eval_loss"]) > 0 for row in rows)
+    best = [row for row in rows if row["best"] == "*"]  # the default objective: least eval_loss
+    assert len(best) == 1 and float(best[0]["eval_loss"]) == min(float(row["eval_loss"]) for row in rows)
