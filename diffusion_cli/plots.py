@@ -99,7 +99,7 @@ def sweep_summary(sweep_dir: Path, rows: list[dict], swept: list[str], metrics: 
         others = [k for k in swept if k != key]
         groups = {}
         for row in done:
-            groups.setdefault(", ".join(f"{k}={row[k]}" for k in others), []).append(row)
+            groups.setdefault(", ".join(f"{k}={_short(row[k])}" for k in others), []).append(row)
         for line, (name, members) in enumerate(groups.items()):
             members.sort(key=lambda row: values.index(row[key]))
             for r, metric in enumerate(metrics):
@@ -117,7 +117,7 @@ def sweep_summary(sweep_dir: Path, rows: list[dict], swept: list[str], metrics: 
                           rotation=45 if len(values) > 4 else 0)
             ax.set(xlabel=key if r == len(metrics) - 1 else None, ylabel=metric if column == 0 else None)
             ax.grid(alpha=0.3)
-        if others:
+        if others and any(len(members) > 1 for members in groups.values()):  # lines to tell apart
             axes[0, column].legend(fontsize=7)
     best = next((row for row in done if row.get("best")), None)
     title = f"final metrics of {len(done)} sweep jobs"

@@ -108,12 +108,14 @@ class TensorBoardTracker:
         self.state = {}
 
     def log(self, step: int, scalars: dict, images: dict) -> None:
-        from torchvision.io import read_image
+        import numpy as np
+        from PIL import Image
         for key, value in scalars.items():
             self.writer.add_scalar(key, value, step)
         for tag, path in images.items():
-            self.writer.add_image(tag, read_image(str(path)), step)
-        self.writer.flush()
+            with Image.open(path) as image:
+                self.writer.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+        self.writer.flush()  # on disk before trackers.json says so: a kill loses no logged step
 
     def finish(self, result: dict, status: str) -> None:
         if status == "ok":

@@ -22,7 +22,7 @@ def torchrun(*args: str, cwd, resume: bool = False) -> subprocess.CompletedProce
 def test_two_processes_share_one_run_dir_and_resume_exactly(tmp_path):
     straight = tmp_path / "straight"
     straight.mkdir()
-    torchrun(cwd=straight)  # no hydra.run.dir: each rank would resolve its own ${now:...}
+    torchrun("logger=[csv,tensorboard]", cwd=straight)  # no hydra.run.dir: each rank would resolve its own ${now:...}
     run_dirs = list((straight / "outputs").glob("*/*"))
     assert len(run_dirs) == 1, run_dirs
     run_dir = run_dirs[0]
@@ -35,6 +35,9 @@ def test_two_processes_share_one_run_dir_and_resume_exactly(tmp_path):
     assert not torch.equal(ranks[0]["torch"], ranks[1]["torch"])  # and its own dropout generator
     steps = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(steps) == 4  # logged at steps 2, 3 (eval), 4, 6 by rank 0 alone
+    # The trackers too: one TensorBoard event file (another rank's would be a second), 4 CSV rows.
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert len((run_dir / "csv" / "metrics.csv").read_text().splitlines()) == 1 + 4
 
     # Stop at step 3, resume to 6 on two processes again: the same weights as the straight run.
     split = tmp_path / "split" / "run"

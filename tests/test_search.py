@@ -12,6 +12,7 @@ from diffusion_cli.cli import describe
 from diffusion_cli.sweep import best_result
 
 
+@pytest.mark.slow  # a sweep, as test_launchers' are
 def test_an_optuna_search_of_3_trials_names_its_best_trial_in_the_summary(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     sweep = tmp_path / "sweep"

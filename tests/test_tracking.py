@@ -127,6 +127,7 @@ def test_every_tracker_reads_back_scalars_and_images_and_a_resume_continues_its_
     assert all((run_dir / row["file"]).is_file() for row in images)
 
 
+@pytest.mark.slow
 def test_a_branch_starts_new_tracker_runs_with_the_metrics_it_starts_from(tmp_path, offline):
     origin, branch = tmp_path / "origin", tmp_path / "branch"
     train(origin, env=offline)
