@@ -53,9 +53,8 @@ def write_summary(sweep_dir: Path) -> list[dict]:
         writer = csv.DictWriter(file, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
-    objective = best["sweep"]["objective"] if best else None
-    metrics = list(dict.fromkeys([objective, "eval_loss", *QUALITY_KEYS, "sampling_s"] if objective
-                                 else ["eval_loss", *QUALITY_KEYS, "sampling_s"]))
+    objective = best["sweep"]["objective"] if best else None  # plotted first
+    metrics = [key for key in dict.fromkeys([objective, "eval_loss", *QUALITY_KEYS, "sampling_s"]) if key]
     plots.sweep_summary(sweep_dir, rows, override_keys, metrics, objective)
     return rows
 

@@ -1,4 +1,3 @@
-import json
 import os
 import subprocess
 import sys
@@ -46,16 +45,9 @@ def snapshot(directory: Path) -> dict:
 
 def metric_steps(run_dir: Path) -> list[int]:
     """The steps of metrics.jsonl's lines ([] without the file; a line cut off by a kill skipped)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    steps = []
-    for line in path.read_text().splitlines():
-        try:
-            steps.append(json.loads(line)["step"])
-        except ValueError:
-            pass
-    return steps
+    from diffusion_cli.tracking import read_metrics
+
+    return [record["step"] for record in read_metrics(run_dir / "metrics.jsonl")]
 
 
 def script(name: str) -> str:
