@@ -36,7 +36,7 @@ def check_available(logger_cfg: DictConfig | None) -> None:
     for name in logger_cfg or {}:
         if name not in PACKAGES:
             raise UserError(f"logger={name} is not a tracker: use none, csv, tensorboard, wandb, "
-                            f"mlflow or a list such as logger=[tensorboard,csv]")
+                            f"mlflow or a list such as 'logger=[tensorboard,csv]'")
         missing = [p for p in PACKAGES[name] if importlib.util.find_spec(p) is None]
         if missing:
             raise UserError(f"logger={name} needs the {', '.join(missing)} package: "
