@@ -139,6 +139,23 @@ class EtaSamplerConfig(SamplerConfig):
 
 
 @dataclass
+class WandbConfig:
+    project: str = MISSING
+    entity: Optional[str] = MISSING
+    group: Optional[str] = MISSING
+    tags: List[str] = MISSING
+    name: Optional[str] = MISSING
+    mode: Optional[str] = MISSING
+
+
+@dataclass
+class MLflowConfig:
+    tracking_uri: Optional[str] = MISSING
+    experiment: str = MISSING
+    run_name: Optional[str] = MISSING
+
+
+@dataclass
 class SampleConfig:
     """diffusion-sample's own keys; the model, schedule and data come from the checkpoint."""
     ckpt: str = MISSING
@@ -172,6 +189,8 @@ def register_schemas() -> None:
     store.store(group="schema/sampler", name="ddim", node=EtaSamplerConfig)
     store.store(group="schema/sampler", name="dpmpp_2m", node=EtaSamplerConfig)
     store.store(group="schema/sampler", name="heun", node=SamplerConfig)
+    store.store(group="schema/logger", name="wandb", node=WandbConfig)
+    store.store(group="schema/logger", name="mlflow", node=MLflowConfig)
     store.store(group="schema", name="sample", node=SampleConfig)
 
 
@@ -268,6 +287,7 @@ RULES = [
     ("trainer.precision", *_one_of(tuple(PRECISIONS))),
     ("precision", *_one_of(tuple(PRECISIONS))),
     ("sweep.direction", *_one_of(("minimize", "maximize"))),
+    ("logger.wandb.mode", lambda v: v in (None, "online", "offline", "disabled"), "online, offline, disabled or null"),
     ("sampler.steps", lambda v: v is None or v >= 1, "null (all T) or an integer >= 1"),
     ("sampler.eta", lambda v: 0 <= v <= 1, "a number from 0 (deterministic) to 1"),
     ("num_samples", _positive, "an integer >= 1"),

@@ -200,6 +200,7 @@ BAD_INPUT = [
     ("diffusion-sample", ["ckpt=TRAINED", "precision=half"], "precision"),
     ("diffusion-sample", ["ckpt=TRAINED", "compile=maybe"], "compile"),
     ("diffusion-train", ["logger=neptune"], "neptune"),                       # not a tracker
+    ("diffusion-train", ["logger=wandb", "logger.wandb.mode=sometimes"], "logger.wandb.mode"),
     ("diffusion-train", ["experiment=mnist_1h"], "mnist_1h"),                 # not a preset
     ("diffusion-train", ["sweep.objective=fid"], "sweep.objective"),           # not a metric of the run
     ("diffusion-train", ["sweep.direction=up"], "sweep.direction"),
