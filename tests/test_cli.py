@@ -199,11 +199,6 @@ BAD_INPUT = [
     ("diffusion-train", ["trainer.precision=fp8"], "trainer.precision"),
     ("diffusion-sample", ["ckpt=TRAINED", "precision=half"], "precision"),
     ("diffusion-sample", ["ckpt=TRAINED", "compile=maybe"], "compile"),
-    ("diffusion-train", ["logger=neptune"], "neptune"),                       # not a tracker
-    ("diffusion-train", ["logger=wandb", "logger.wandb.mode=sometimes"], "logger.wandb.mode"),
-    ("diffusion-train", ["experiment=mnist_1h"], "mnist_1h"),                 # not a preset
-    ("diffusion-train", ["sweep.objective=fid"], "sweep.objective"),           # not a metric of the run
-    ("diffusion-train", ["sweep.direction=up"], "sweep.direction"),
 ]
 # The data keys and sources: the same checks as above (config rules, loaders), in-process only.
 BAD_DATA_INPUT = [
@@ -219,6 +214,14 @@ BAD_DATA_INPUT = [
     ("diffusion-train", ["model=dit", "model.patch_size=3"], "patch_size"),  # 16x16 gradients
     ("diffusion-train", ["model=dit", "model.heads=3"], "model.heads"),
     ("diffusion-sample", ["ckpt=TRAINED", "save_images=maybe"], "save_images"),
+]
+# Trackers, presets and the sweep objective: config checks as above, in-process only.
+BAD_TRACKING_INPUT = [
+    ("diffusion-train", ["logger=neptune"], "neptune"),                       # not a tracker
+    ("diffusion-train", ["logger=wandb", "logger.wandb.mode=sometimes"], "logger.wandb.mode"),
+    ("diffusion-train", ["experiment=mnist_1h"], "mnist_1h"),                 # not a preset
+    ("diffusion-train", ["sweep.objective=fid"], "sweep.objective"),           # not a metric of the run
+    ("diffusion-train", ["sweep.direction=up"], "sweep.direction"),
 ]
 
 
@@ -236,7 +239,7 @@ def check_bad_input(run, trained_run, tmp_path, script, args, named):
     assert snapshot(trained_run) == before  # nothing lost
 
 
-@pytest.mark.parametrize("script, args, named", BAD_INPUT + BAD_DATA_INPUT)
+@pytest.mark.parametrize("script, args, named", BAD_INPUT + BAD_DATA_INPUT + BAD_TRACKING_INPUT)
 def test_bad_input_is_one_line_and_a_non_zero_exit(trained_run, tmp_path, script, args, named):
     """The entry points called in this process: the fast tier covers every case."""
     check_bad_input(run_in_process, trained_run, tmp_path, script, args, named)
