@@ -26,7 +26,7 @@ def test_an_optuna_search_of_3_trials_names_its_best_trial_in_the_summary(tmp_pa
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader(open(sweep / "summary.csv")))
     assert len(rows) == 3 and all(row["status"] == "ok" for row in rows)
-    swept = {"schedule.T", "trainer.lr", "trainer.ema_decay"}
+    swept = {"schedule", "schedule.T", "schedule.beta_end", "trainer.lr"}
     assert swept <= set(rows[0])  # Optuna's choices are the summary's swept columns
     (best,) = [row for row in rows if row["best"] == "*"]
     assert float(best["eval_loss"]) == min(float(row["eval_loss"]) for row in rows)
