@@ -153,8 +153,9 @@ class MLflowTracker:
     (samples/step_N.png), the config is params and config.yaml."""
 
     def __init__(self, settings, cfg, run_dir: Path, state: dict | None):
-        from mlflow.entities import Param
+        from mlflow.entities import Metric, Param
         from mlflow.tracking import MlflowClient
+        self.metric = Metric
         for noisy in ("mlflow", "alembic"):  # database migrations on a new store: not for the console
             logging.getLogger(noisy).setLevel(logging.WARNING)
         uri = settings.tracking_uri or f"sqlite:///{run_dir.resolve() / 'mlflow.db'}"
@@ -176,9 +177,9 @@ class MLflowTracker:
         self.state = {"run_id": self.run_id, "tracking_uri": uri}
 
     def log(self, step: int, scalars: dict, images: dict) -> None:
-        from mlflow.entities import Metric
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in scalars.items()])
+        self.client.log_batch(self.run_id, metrics=[self.metric(k, float(v), now, step)
+                                                    for k, v in scalars.items()])
         for tag, path in images.items():
             self.client.log_artifact(self.run_id, str(path), artifact_path=tag)
 
