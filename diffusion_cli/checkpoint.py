@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import runtime
 from .atomic import atomic_write
 from .errors import UserError
-from .models import build_model
+from .models import build_model, text_config
 from .runtime import use_channels_last
 from .schedule import NoiseSchedule
 
@@ -85,7 +85,7 @@ def load(path: str | Path, device="cpu", use_ema: bool = True
     The same loader `diffusion-sample` uses; call it from a notebook as well."""
     state = read(path, map_location=device)
     config = OmegaConf.create(state["config"])
-    model = build_model(config.model, config.data).to(device)
+    model = build_model(config.model, config.data, text_config(config)).to(device)
     try:
         model.load_state_dict(state["ema"] if use_ema and "ema" in state else state["model"])
     except RuntimeError as error:

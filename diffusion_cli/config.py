@@ -14,9 +14,11 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from . import checkpoint
 from .data import DATASETS, class_names
+from .data.captions import FORMATS as CAPTION_FORMATS
 from .errors import UserError
 from .metrics import quality_keys
-from .models import MODELS
+from .models import MODELS, TEXT_MODELS
+from .models.text_encoder import ENCODERS
 from .runtime import PRECISIONS, resolve_device
 from .sampling import SAMPLERS
 from .schedule import PREDICTIONS, SCHEDULE_KINDS
@@ -40,6 +42,13 @@ class DataConfig:
     image_size: Optional[int] = None
     labels: str = "none"
     classes: Optional[List[str]] = None     # filled in by training from the data: the class names
+    captions: str = "none"                  # captions (data/captions.py); documented in the data YAMLs
+    caption_column: str = "text"
+    caption_dropout: float = 0.1
+    missing_captions: str = "empty"
+    caption_templates: List[str] = field(default_factory=lambda: [
+        "{name}", "a {name}", "a picture of a {name}", "a photo of a {name}"])
+    held_out_template: str = "an image of a {name}"
 
 
 @dataclass
@@ -69,6 +78,7 @@ class ResUNetConfig(ModelConfig):
     attention: bool = MISSING
     dropout: float = MISSING
     attention_resolutions: List[int] = field(default_factory=list)
+    cross_attention_resolutions: Optional[List[int]] = None
 
 
 @dataclass
@@ -78,6 +88,15 @@ class DiTConfig(ModelConfig):
     depth: int = MISSING
     heads: int = MISSING
     position: str = MISSING
+
+
+@dataclass
+class TextEncoderConfig:
+    kind: str = MISSING
+    width: int = MISSING
+    depth: int = MISSING
+    heads: int = MISSING
+    max_length: int = MISSING
 
 
 @dataclass
@@ -165,6 +184,9 @@ class SampleConfig:
     device: str = MISSING
     nrow: int = MISSING
     label: Optional[str] = MISSING
+    prompt: Any = MISSING                   # a string, a list of strings, or null
+    prompts_file: Optional[str] = MISSING
+    negative_prompt: Optional[str] = MISSING
     guidance_scale: float = MISSING
     use_ema: bool = MISSING
     eval: bool = MISSING
@@ -182,6 +204,7 @@ def register_schemas() -> None:
     store.store(group="schema/model", name="unet", node=UNetConfig)
     store.store(group="schema/model", name="resunet", node=ResUNetConfig)
     store.store(group="schema/model", name="dit", node=DiTConfig)
+    store.store(group="schema/text_encoder", name="tiny", node=TextEncoderConfig)
     store.store(group="schema/schedule", name="schedule", node=ScheduleConfig)
     store.store(group="schema/schedule", name="edm", node=EDMScheduleConfig)
     store.store(group="schema/trainer", name="trainer", node=TrainerConfig)
@@ -249,6 +272,14 @@ RULES = [
     ("data.width", _positive, "an integer >= 1"),
     ("data.image_size", lambda v: v is None or v >= 1, "an integer >= 1, e.g. 32 or 64"),
     ("data.labels", *_one_of(("none", "subfolders"))),
+    ("data.captions", *_one_of(("none", "auto", *CAPTION_FORMATS, "labels"))),
+    ("data.caption_dropout", lambda v: 0 <= v < 1, "a probability from 0 to below 1, e.g. 0.1"),
+    ("data.missing_captions", *_one_of(("empty", "skip"))),
+    ("text_encoder.kind", *_one_of(tuple(ENCODERS))),
+    ("text_encoder.width", _positive, "an integer >= 1"),
+    ("text_encoder.depth", _non_negative, "an integer >= 0"),
+    ("text_encoder.heads", _positive, "an integer >= 1 that divides text_encoder.width"),
+    ("text_encoder.max_length", lambda v: v >= 2, "an integer >= 2 (tokens, the start token included)"),
     ("data.in_memory", lambda v: v in (True, False, "auto"), "true, false or auto"),
     ("data.num_workers", _non_negative, "an integer >= 0 (0: read in the training process)"),
     ("model.width", _positive, "an integer >= 1"),
@@ -319,6 +350,7 @@ def validate(cfg: DictConfig) -> None:
             check_sampler_steps(cfg.sampler, schedule.T)
     if "model" in cfg:
         check_num_classes(cfg.model, cfg.data)
+        check_captions(cfg)
     check_available(cfg.get("logger"))
     if "sweep" in cfg:
         check_objective(cfg)
@@ -362,6 +394,28 @@ def check_num_classes(model_cfg: DictConfig, data_cfg: DictConfig) -> None:
                else "use model.num_classes=0, or labelled data (data=mnist, data.labels=subfolders)")
         raise UserError(f"model.num_classes={model_cfg.num_classes} but data={data_cfg.kind} has "
                         f"{available or 'no'} classes: {fix}")
+
+
+def check_captions(cfg: DictConfig) -> None:
+    """A model is conditioned on class labels or on captions, not both, and captions need a model
+    with cross-attention; the data must have the captions asked for."""
+    kind = cfg.data.get("captions", "none")
+    if kind == "none":
+        return
+    if kind == "labels" and not class_names(cfg.data):
+        raise UserError(f"data.captions=labels makes captions from class names, but data="
+                        f"{cfg.data.kind} has no labels: use data.labels=subfolders, a labelled "
+                        f"set (data=mnist), or a caption format (auto, jsonl, csv, sidecar)")
+    if kind != "labels" and DATASETS[cfg.data.kind].captions is None:
+        raise UserError(f"data.captions={kind} reads a folder's caption files: use data=folder, or "
+                        f"data.captions=labels for captions made from data={cfg.data.kind}'s class names")
+    if cfg.model.num_classes:
+        raise UserError(f"data.captions={cfg.data.captions} conditions the model on captions, and "
+                        f"model.num_classes={cfg.model.num_classes} on class labels: choose one "
+                        f"(model.num_classes=0, or data.captions=none)")
+    if cfg.model.kind not in TEXT_MODELS:
+        raise UserError(f"data.captions={cfg.data.captions} needs a model that attends to text: use "
+                        f"model=resunet (or resunet32, resunet64) or model=dit, not model={cfg.model.kind}")
 
 
 def check_sampler_steps(sampler_cfg: DictConfig, T: int) -> None:

@@ -7,9 +7,10 @@ from omegaconf import DictConfig, OmegaConf
 from .data import Split
 from .images import save_grid, to_unit
 from .metrics import quality_metric, sample_quality
-from .models import image_shape
+from .models import image_shape, is_conditional
+from .prompts import sample_conditions
 from .runtime import autocast, eval_mode
-from .sampling import class_rows, sample_images
+from .sampling import sample_images
 from .schedule import NoiseSchedule
 
 # The eval loss is also reported per bucket of timesteps: where the model is weak.
@@ -22,11 +23,13 @@ QUALITY_SAMPLER = OmegaConf.create({"kind": "ddim", "steps": 50, "eta": 0.0, "cl
 
 class Evaluator:
     """The held-out loss (unweighted MSE in the model's prediction) at fixed timesteps and noise,
-    so numbers are comparable across steps; class-conditional models see the true labels."""
+    so numbers are comparable across steps; conditional models see the images' own conditions
+    (labels, or caption tokens). `prompts`: what a text model's grids and quality draw."""
 
-    def __init__(self, data: Split, schedule: NoiseSchedule, batch_size: int, seed: int):
+    def __init__(self, data: Split, schedule: NoiseSchedule, batch_size: int, seed: int,
+                 prompts: list[str] | None = None):
         generator = torch.Generator().manual_seed(seed)
-        self.images, self.labels = data
+        self.images, self.labels, self.prompts = data.images, data.labels, prompts
         # Timesteps spread evenly over 0..T-1, one per image; noise fixed once.
         self.t = torch.linspace(0, schedule.T - 1, len(self.images)).round().long()
         self.noise = torch.randn(self.images.shape, generator=generator)
@@ -43,7 +46,7 @@ class Evaluator:
                 x0, t, noise = (v[start:start + self.batch_size].to(device)
                                 for v in (self.images, self.t, self.noise))
                 labels = None
-                if model.num_classes:
+                if is_conditional(model):
                     labels = self.labels[start:start + self.batch_size].to(device)
                 output = model(self.schedule.q_sample(x0, t, noise), t, labels)
                 target = self.schedule.target(x0, t, noise, model.prediction)
@@ -61,7 +64,7 @@ def reconstructions(model, schedule: NoiseSchedule, data: Split, seed: int) -> t
     estimate (clipped to [-1, 1]). Returns the rows stacked, in [-1, 1]."""
     device = schedule.betas.device
     x0 = data.images.to(device)
-    labels = data.labels.to(device) if model.num_classes else None
+    labels = data.labels.to(device) if is_conditional(model) else None
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(device)
     rows = [x0]
     with eval_mode(model):
@@ -73,17 +76,14 @@ def reconstructions(model, schedule: NoiseSchedule, data: Split, seed: int) -> t
     return torch.cat(rows)
 
 
-def write_grids(model, schedule, cfg, step: int, run_dir, eval_data: Split) -> dict:
-    """The sample grid (fixed seed, so grids are comparable across steps; one row per class for a
-    class-conditional model) and the reconstruction grid; returns their paths by name."""
-    labels, nrow = None, 0
-    if model.num_classes:
-        per_class = -(-cfg.trainer.num_grid_images // model.num_classes)
-        labels, nrow = class_rows(model.num_classes, per_class), per_class
+def write_grids(model, schedule, cfg, step: int, run_dir, eval_data: Split,
+                prompts: list[str] | None = None) -> dict:
+    """The sample grid (fixed seed, so grids are comparable across steps; one row per class or
+    prompt for a conditional model) and the reconstruction grid; returns their paths by name."""
+    labels, _, nrow, titles = sample_conditions(model, cfg.data, prompts, cfg.trainer.num_grid_images, grid=True)
     count = len(labels) if labels is not None else cfg.trainer.num_grid_images
     samples = sample_images(model, schedule, cfg.sampler, (count, *image_shape(cfg.data)),
                             batch_size=cfg.trainer.batch_size, seed=cfg.trainer.seed, labels=labels)
-    titles = list(cfg.data.get("classes") or []) if model.num_classes else None
     shown = eval_data.head(8)
     return {"samples": save_grid(samples, run_dir / "samples" / f"step_{step:07d}.png", nrow,
                                  row_titles=titles),
@@ -92,15 +92,15 @@ def write_grids(model, schedule, cfg, step: int, run_dir, eval_data: Split) -> d
                                          nrow=len(shown.images))}
 
 
-def quality(model, schedule: NoiseSchedule, cfg: DictConfig) -> dict:
+def quality(model, schedule: NoiseSchedule, cfg: DictConfig, prompts: list[str] | None = None) -> dict:
     """The data's quality metrics on trainer.num_quality_images samples drawn with QUALITY_SAMPLER
-    from a fixed seed (balanced labels for a class-conditional model, no guidance)."""
+    from a fixed seed (the classes or prompts in turn for a conditional model, no guidance)."""
     count = cfg.trainer.num_quality_images
-    labels = torch.arange(count) % model.num_classes if model.num_classes else None
+    conditions, classes, _, _ = sample_conditions(model, cfg.data, prompts, count)
     sampler = OmegaConf.merge(QUALITY_SAMPLER, {"steps": min(QUALITY_SAMPLER.steps, schedule.T)})
     images = sample_images(model, schedule, sampler, (count, *image_shape(cfg.data)),
-                           batch_size=cfg.trainer.batch_size, seed=cfg.trainer.seed, labels=labels)
-    return sample_quality(images, cfg.data, labels)
+                           batch_size=cfg.trainer.batch_size, seed=cfg.trainer.seed, labels=conditions)
+    return sample_quality(images, cfg.data, classes)
 
 
 def due(step: int, every: int, last_step: int) -> bool:
@@ -118,7 +118,7 @@ def evaluate(record: dict, step: int, model, schedule: NoiseSchedule, evaluator:
         if due(step, tc.eval_every, tc.max_steps):
             record["eval_loss"], record["eval_loss_by_t"] = evaluator.loss(model)
         if due(step, tc.sample_every, tc.max_steps):
-            grids = write_grids(model, schedule, cfg, step, run_dir, eval_data)
+            grids = write_grids(model, schedule, cfg, step, run_dir, eval_data, evaluator.prompts)
         if tc.num_quality_images and quality_metric(cfg.data) and due(step, tc.quality_every, tc.max_steps):
-            record.update(quality(model, schedule, cfg))
+            record.update(quality(model, schedule, cfg, evaluator.prompts))
     return grids

@@ -24,18 +24,20 @@ def loss_weight(schedule: NoiseSchedule, t: torch.Tensor, prediction: str, weigh
 def training_loss(model, schedule: NoiseSchedule, x0: torch.Tensor, generator: torch.Generator,
                   labels: torch.Tensor | None = None, cond_drop_prob: float = 0.0,
                   loss_weighting: str = "none", *, prediction: str | None = None,
-                  num_classes: int | None = None) -> torch.Tensor:
+                  num_classes: int | None = None, null: torch.Tensor | None = None) -> torch.Tensor:
     """The loss on a batch: the MSE between the model's output and its target, per sample
-    weighted. A class-conditional model sees the null label (index num_classes) with probability
-    cond_drop_prob, which trains the unconditional model that guidance needs. `prediction` and
-    `num_classes` default to the model's own attributes (a DDP wrapper has none: pass them)."""
+    weighted. A conditional model sees the unconditional input `null` (default: the null label,
+    index num_classes; for captions the empty caption's tokens) with probability cond_drop_prob,
+    which trains the unconditional model that guidance needs. `prediction` and `num_classes`
+    default to the model's own attributes (a DDP wrapper has none: pass them)."""
     prediction = prediction or model.prediction
     t = schedule.training_timesteps(x0.shape[0], generator, x0.device)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device)
     if labels is not None:
-        null = model.num_classes if num_classes is None else num_classes
-        dropped = torch.rand(labels.shape, generator=generator, device=x0.device) < cond_drop_prob
-        labels = torch.where(dropped, null, labels)
+        if null is None:
+            null = torch.tensor(model.num_classes if num_classes is None else num_classes, device=x0.device)
+        dropped = torch.rand(labels.shape[:1], generator=generator, device=x0.device) < cond_drop_prob
+        labels = torch.where(dropped.view(-1, *[1] * (labels.dim() - 1)), null, labels)
     output = model(schedule.q_sample(x0, t, noise), t, labels)
     errors = (output - schedule.target(x0, t, noise, prediction)).pow(2).flatten(1).mean(1)
     return (loss_weight(schedule, t, prediction, loss_weighting) * errors).mean()

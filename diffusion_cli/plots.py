@@ -14,6 +14,7 @@ import torch  # noqa: E402
 
 from .atomic import atomic_write  # noqa: E402
 from .models import image_shape  # noqa: E402
+from .prompts import sample_conditions  # noqa: E402
 from .sampling import model_device, sample, sampler_options, sampler_timesteps  # noqa: E402
 
 
@@ -57,12 +58,13 @@ def training_curves(run_dir: Path) -> None:
     save(figure, run_dir / "loss_by_t.png")
 
 
-def denoising(model, schedule, cfg, path: Path, count: int = 8, columns: int = 10) -> None:
+def denoising(model, schedule, cfg, path: Path, prompts: list[str] | None = None, count: int = 8,
+              columns: int = 10) -> None:
     """The reverse process of `count` samples (rows) with the training grids' sampler, at
-    `columns` evenly spaced steps from x_T to the final sample."""
+    `columns` evenly spaced steps from x_T to the final sample; classes or `prompts` in turn."""
     sampler = cfg.sampler
     steps = sampler.steps or schedule.T
-    labels = torch.arange(count) % model.num_classes if model.num_classes else None
+    labels = sample_conditions(model, cfg.data, prompts, count)[0]
     generator = torch.Generator(model_device(model, schedule)).manual_seed(cfg.trainer.seed)
     trajectory = sample(model, schedule, (count, *image_shape(cfg.data)), **sampler_options(sampler),
                         generator=generator,

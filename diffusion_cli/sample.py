@@ -16,9 +16,11 @@ from .config import check_sampler_steps
 from .errors import UserError
 from .images import save_each, save_grid
 from .metrics import quality_metric, sample_quality
-from .models import image_shape
+from .models import image_shape, text_encoder
+from .models.text_encoder import tokenize
+from .prompts import read_prompts, sample_conditions
 from .runtime import autocast, compiled, resolve_device
-from .sampling import class_rows, sample, sample_images
+from .sampling import class_rows, image_seeds, sample, sample_images
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +37,7 @@ def sample_from_checkpoint(cfg: DictConfig, run_dir: Path) -> dict:
                         f"use save_images=true and compute FID on the images/ folder with an "
                         f"external tool (clean-fid, torch-fidelity)")
     shape = image_shape(train_cfg.data)
-    classes = list(train_cfg.data.get("classes") or [])
-    labels, nrow = requested_labels(cfg, model.num_classes, classes)
+    labels, shown_classes, nrow, titles, negative, prompts = requested_conditions(cfg, model, train_cfg.data)
     count = len(labels) if labels is not None else cfg.num_samples
     steps = cfg.sampler.steps or schedule.T
     batch = min(count, cfg.batch_size)
@@ -44,29 +45,35 @@ def sample_from_checkpoint(cfg: DictConfig, run_dir: Path) -> dict:
     def warm_up(network):  # one step of the real call: batch shape, inference mode, guidance
         with autocast(device, cfg.precision):
             sample(network, schedule, (batch, *shape), sampler="ddim", steps=1,
-                   labels=None if labels is None else labels[:batch], guidance_scale=cfg.guidance_scale)
+                   labels=None if labels is None else labels[:batch], guidance_scale=cfg.guidance_scale,
+                   negative=None if negative is None else negative[:batch])
     model = compiled(model, cfg.compile, warm_up, "compile")
     log.info(f"run dir: {run_dir}")
     log.info(f"sampling {count} images from {checkpoint.resolve(cfg.ckpt)} with "
              f"{cfg.sampler.kind}, {steps} steps, seed {cfg.seed}, on {device}"
-             + (f", label {cfg.label}, guidance {cfg.guidance_scale}" if labels is not None else ""))
+             + (f", label {cfg.label}" if cfg.label is not None else "")
+             + (f", {len(set(prompts))} prompt(s)" if prompts else "")
+             + (f", guidance {cfg.guidance_scale}" if labels is not None else ""))
     started = time.perf_counter()
     with autocast(device, cfg.precision):
         images = sample_images(model, schedule, cfg.sampler, (count, *shape), batch_size=cfg.batch_size,
                                seed=cfg.seed, labels=labels, guidance_scale=cfg.guidance_scale,
-                               progress=True)
+                               negative=negative, progress=True)
     sampling_s = time.perf_counter() - started
     log.info(f"sampled {count} images in {sampling_s:.1f} s")
-    titles = [classes[k] if k < len(classes) else str(k) for k in range(model.num_classes)] \
-        if cfg.label == "all" else None
     grid = save_grid(images, run_dir / "samples.png", nrow, row_titles=titles)
     torch.save(images, run_dir / "samples.pt")
     if cfg.save_images:
         save_each(images, run_dir / "images")
-        log.info(f"wrote {count} PNG files to {run_dir / 'images'}")
+        if prompts:
+            write_prompts_file(run_dir / "prompts.jsonl", prompts, image_seeds(cfg.seed, count), cfg)
+        log.info(f"wrote {count} PNG files to {run_dir / 'images'}" + (" and prompts.jsonl" if prompts else ""))
     metrics = {}
     if cfg.eval or train_cfg.data.kind == "gradients":
-        metrics = sample_quality(images, train_cfg.data, labels)
+        if prompts and shown_classes is None and train_cfg.data.get("captions") == "labels":
+            log.info("label_accuracy: some prompts follow none of the data's caption templates, so "
+                     "the digit each should show is unknown; left out")
+        metrics = sample_quality(images, train_cfg.data, shown_classes)
         by_class = metrics.pop("label_accuracy_by_class", {})
         log.info("quality: " + ", ".join(f"{key} {value:.4f}" for key, value in metrics.items()))
         if len(by_class) > 1:
@@ -77,6 +84,47 @@ def sample_from_checkpoint(cfg: DictConfig, run_dir: Path) -> dict:
     log.info(f"wrote {grid} and {run_dir / 'samples.pt'}")
     return {**{key: value for key, value in metrics.items() if isinstance(value, float)},
             "sampling_s": sampling_s}
+
+
+def requested_conditions(cfg: DictConfig, model, data_cfg: DictConfig):
+    """What to draw: (conditions (class indices or caption tokens) or None, the class each image
+    shows or None, images per grid row, row titles, the negative prompt's tokens or None, each
+    image's prompt or None), from label=, or prompt=/prompts_file= and negative_prompt=."""
+    text, prompts = text_encoder(model), read_prompts(cfg)
+    if text is None:
+        if prompts or cfg.negative_prompt is not None:
+            trained = "class labels: use label=K" if model.num_classes else "nothing: drop prompt="
+            raise UserError(f"prompt= needs a model trained on captions (data.captions=...), but "
+                            f"{cfg.ckpt} is conditioned on {trained}")
+        classes = list(data_cfg.get("classes") or [])
+        labels, nrow = requested_labels(cfg, model.num_classes, classes)
+        titles = [classes[k] if k < len(classes) else str(k) for k in range(model.num_classes)] \
+            if cfg.label == "all" else None
+        return labels, labels, nrow, titles, None, None
+    if cfg.label is not None:
+        raise UserError(f"label={cfg.label} is for class-conditional models; {cfg.ckpt} was trained on "
+                        f"captions: use prompt=\"...\" (or prompts_file=)")
+    if prompts is None:
+        if cfg.guidance_scale != 1.0 or cfg.negative_prompt is not None:
+            raise UserError(f"guidance_scale and negative_prompt need a prompt: add prompt=\"...\"")
+        return None, None, cfg.nrow, None, None, None
+    tokens, classes, per_prompt, titles = sample_conditions(model, data_cfg, prompts, cfg.num_samples, grid=True)
+    if len(prompts) == 1:  # one prompt: a square grid, like unconditional samples
+        per_prompt, titles = cfg.nrow, None
+    negative = None
+    if cfg.negative_prompt is not None:
+        negative = tokenize(text, [cfg.negative_prompt], "negative prompts").expand(len(tokens), -1)
+    each = [prompts[i // (len(tokens) // len(prompts))] for i in range(len(tokens))]
+    return tokens, classes, per_prompt, titles, negative, each
+
+
+def write_prompts_file(path: Path, prompts: list[str], seeds: list[int], cfg: DictConfig) -> None:
+    """prompts.jsonl: for each PNG of images/, its prompt and the seed of its initial noise."""
+    with atomic_write(path) as file:
+        for index, (prompt, seed) in enumerate(zip(prompts, seeds)):
+            file.write(json.dumps({"file_name": f"images/{index:06d}.png", "prompt": prompt,
+                                   "negative_prompt": cfg.negative_prompt, "seed": seed,
+                                   "guidance_scale": cfg.guidance_scale}) + "\n")
 
 
 def requested_labels(cfg: DictConfig, num_classes: int, classes: list[str]) -> tuple[torch.Tensor | None, int]:

@@ -8,6 +8,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .images import to_unit
+from .models import null_condition
 from .runtime import eval_mode
 from .schedule import NoiseSchedule, combine
 
@@ -15,16 +16,19 @@ from .schedule import NoiseSchedule, combine
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def denoiser(model: nn.Module, labels: torch.Tensor | None = None, guidance_scale: float = 1.0
-             ) -> Denoiser:
-    """(x_t, t) -> the model's output, conditioned on `labels` where given. A guidance_scale w != 1
-    is classifier-free guidance (Ho & Salimans 2022): out_u + w (out_c - out_u), out_u the output
-    for the null label. The combination is linear, so it is the same in eps, x0 or v."""
+def denoiser(model: nn.Module, labels: torch.Tensor | None = None, guidance_scale: float = 1.0,
+             negative: torch.Tensor | None = None) -> Denoiser:
+    """(x_t, t) -> the model's output, conditioned on `labels` (class indices, or caption tokens)
+    where given. A guidance_scale w != 1 is classifier-free guidance (Ho & Salimans 2022):
+    out_u + w (out_c - out_u), out_u the output for the null label or the empty caption, or for
+    `negative` (a negative prompt's tokens) where given. The combination is linear, so it is the
+    same in eps, x0 or v."""
     if labels is None:
         return model
     if guidance_scale == 1.0:
         return lambda x, t: model(x, t, labels)
-    both = torch.cat([labels, torch.full_like(labels, model.num_classes)])  # label, then null
+    unconditional = negative if negative is not None else null_condition(model, labels)
+    both = torch.cat([labels, unconditional])
 
     def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         conditional, unconditional = model(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
@@ -249,7 +253,7 @@ def sample(model: nn.Module, schedule: NoiseSchedule, shape, *, sampler: str = "
            generator: torch.Generator | None = None, device=None, return_all_steps: bool = False,
            progress: bool = False, x_T: torch.Tensor | None = None,
            labels: torch.Tensor | None = None, guidance_scale: float = 1.0,
-           prediction: str | None = None) -> torch.Tensor:
+           negative: torch.Tensor | None = None, prediction: str | None = None) -> torch.Tensor:
     """Draw images of `shape` (B, C, H, W) from the model, in [-1, 1].
 
     sampler: "ddpm" (ancestral), "ddim" (Song et al. 2021, with `eta` from 0 = deterministic
@@ -260,8 +264,10 @@ def sample(model: nn.Module, schedule: NoiseSchedule, shape, *, sampler: str = "
     2021), the others trailing-spaced timesteps.
     return_all_steps: also return every intermediate x, as a (steps + 1, B, ...) tensor from x_T.
     x_T: the initial noise; drawn from `generator` when not given.
-    labels: (B,) class indices for a class-conditional model; guidance_scale: classifier-free
-    guidance weight (1 = plain conditional, 0 = unconditional).
+    labels: (B,) class indices for a class-conditional model, (B, L) caption tokens for a
+    text-conditioned one; guidance_scale: classifier-free guidance weight (1 = plain conditional,
+    0 = unconditional); negative: (B, L) tokens guidance pushes away from (default: the empty
+    caption).
     prediction: what the model outputs (eps, x0 or v); default the model's own `prediction`.
     The model and schedule must be on `device` (default: the model's device, else the schedule's).
     """
@@ -271,10 +277,11 @@ def sample(model: nn.Module, schedule: NoiseSchedule, shape, *, sampler: str = "
     x = randn(shape, generator, device) if x_T is None else x_T.to(device)
     steps = steps or schedule.T
     labels = labels.to(device) if labels is not None else None
+    negative = negative.to(device) if negative is not None else None
     options = dict(prediction=prediction or getattr(model, "prediction", "eps"), clip_x0=clip_x0,
                    generator=generator, return_all_steps=return_all_steps, progress=progress)
     with eval_mode(model):
-        denoise = denoiser(model, labels, guidance_scale)
+        denoise = denoiser(model, labels, guidance_scale, negative)
         if sampler == "ddpm":
             result = ddpm(denoise, schedule.respaced(steps), x, **options)
         elif sampler == "heun":
@@ -296,11 +303,17 @@ def class_rows(num_classes: int, per_class: int) -> torch.Tensor:
     return torch.arange(num_classes).repeat_interleave(per_class)
 
 
+def image_seeds(seed: int, count: int) -> list[int]:
+    """The seed of each image's initial noise in sample_images."""
+    return torch.randint(2 ** 62, (count,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
 def sample_images(model: nn.Module, schedule: NoiseSchedule, sampler_cfg, shape, *, batch_size: int,
                   seed: int, labels: torch.Tensor | None = None, guidance_scale: float = 1.0,
-                  progress: bool = False) -> torch.Tensor:
+                  negative: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
     """`shape[0]` images in [0, 1] on the CPU, drawn `batch_size` at a time with the sampler config
-    (kind, steps, clip_x0, and eta for DDIM). `labels` (N,) for a class-conditional model.
+    (kind, steps, clip_x0, and eta for DDIM). `labels` (N,) for a class-conditional model, (N, L)
+    caption tokens for a text-conditioned one; `negative` (N, L) a negative prompt's tokens.
     Training grids, quality metrics and diffusion-sample all draw through here.
 
     All noise is drawn on the model's device, one batch at a time: image i's initial noise from
@@ -309,7 +322,7 @@ def sample_images(model: nn.Module, schedule: NoiseSchedule, sampler_cfg, shape,
     stochastic steps' noise continues that generator. The same seed gives the same images on
     the same kind of device; a GPU's generator differs from the CPU's, so their images do too."""
     device = model_device(model, schedule)
-    seeds = torch.randint(2 ** 62, (shape[0],), generator=torch.Generator().manual_seed(seed)).tolist()
+    seeds = image_seeds(seed, shape[0])
     generator = torch.Generator(device)
     total, chunks = shape[0], []
     batches = range(0, total, batch_size)
@@ -319,6 +332,7 @@ def sample_images(model: nn.Module, schedule: NoiseSchedule, sampler_cfg, shape,
         chunk = sample(model, schedule, x_T.shape, **sampler_options(sampler_cfg),
                        generator=generator, progress=progress, x_T=x_T,
                        labels=None if labels is None else labels[start:start + batch_size],
-                       guidance_scale=guidance_scale)
+                       guidance_scale=guidance_scale,
+                       negative=None if negative is None else negative[start:start + batch_size])
         chunks.append(to_unit(chunk).cpu())
     return torch.cat(chunks)

@@ -8,6 +8,7 @@ import json
 import logging
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -24,13 +25,16 @@ from .cli import console_script, run_task
 from .config import validate
 from .data import RowFile, Split, class_names, load_data
 from .data.batches import training_batches
+from .data.captions import CaptionTable
 from .ema import EMA
 from .errors import UserError
 from .evaluate import QUALITY_SAMPLER, Evaluator, due, evaluate
 from .lr_schedule import learning_rate, rewarm_after_resume
 from .metrics import QUALITY_KEYS
-from .models import build_model, image_shape
+from .models import build_model, image_shape, is_conditional, text_config, text_encoder
+from .models.text_encoder import tokenize
 from .objectives import training_loss
+from .prompts import grid_prompts
 from .runtime import autocast, compiled, convolutional, resolve_device, use_channels_last, use_fast_math
 from .schedule import NoiseSchedule
 from .stopping import GracefulStop, Stopped
@@ -48,10 +52,16 @@ class TrainStep:
         tc = self.tc = cfg.trainer
         torch.manual_seed(tc.seed)  # model initialisation: the same on every rank
         self.device = device
-        self.model = use_channels_last(build_model(cfg.model, cfg.data).to(device))
+        self.model = use_channels_last(build_model(cfg.model, cfg.data, text_config(cfg)).to(device))
         self.batches = training_batches(train_data, cfg.data, device, tc.batch_size,
-                                        labelled=bool(self.model.num_classes),
+                                        labelled=is_conditional(self.model),
                                         channels_last=convolutional(self.model), seed=tc.seed)
+        # Captioned data: batches carry caption groups, drawn into tokens by self.captions; the
+        # empty caption replaces data.caption_dropout of them, as the null label does for classes.
+        text = text_encoder(self.model)
+        self.captions = CaptionTable(train_data.captions, partial(tokenize, text), device) if text else None
+        self.null = self.model.text.null(1) if text else None
+        self.cond_drop_prob = cfg.data.caption_dropout if text else tc.cond_drop_prob
         self.schedule = NoiseSchedule.from_config(cfg.schedule).to(device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.lr,
                                            weight_decay=tc.weight_decay, fused=True)
@@ -77,10 +87,13 @@ class TrainStep:
         """The training loss of `network` on `batch` (images, labels), noised with `generator`."""
         tc = self.tc
         images, labels = batch
+        if self.captions is not None:
+            labels = self.captions.draw(labels, generator)
         with autocast(self.device, tc.precision):
             return training_loss(network, self.schedule, images, generator, labels=labels,
-                                 cond_drop_prob=tc.cond_drop_prob, loss_weighting=tc.loss_weighting,
-                                 prediction=self.model.prediction, num_classes=self.model.num_classes)
+                                 cond_drop_prob=self.cond_drop_prob, loss_weighting=tc.loss_weighting,
+                                 prediction=self.model.prediction, num_classes=self.model.num_classes,
+                                 null=self.null)
 
     def warm_up(self, network) -> None:
         """torch.compile's first call, as the training step makes it (batch shape, grad mode,
@@ -179,7 +192,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         log.info(f"resuming {cfg.resume} from step {start_step}" + (
             "" if checkpoint.continues_in_place(cfg.resume, run_dir) else
             f" in a new run dir: {origin} is left as it is"))
-    evaluator = Evaluator(eval_data.head(tc.num_eval_images), schedule, tc.batch_size, tc.seed)
+    prompts = None
+    if trainer.captions is not None:  # held-out images are evaluated with their first caption
+        prompts = grid_prompts(cfg.data, eval_data)
+        eval_data = eval_data._replace(labels=trainer.captions.first(eval_data.labels).cpu())
+    evaluator = Evaluator(eval_data.head(tc.num_eval_images), schedule, tc.batch_size, tc.seed, prompts)
     log.info(f"model {cfg.model.kind}: {sum(p.numel() for p in model.parameters()):,} parameters; "
              f"{len(trainer.batches):,} training images of shape {image_shape(cfg.data)}"
              + (", streamed" if isinstance(train_data.images, RowFile) else ""))
@@ -243,7 +260,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             trackers.finish(result)
     if not main_rank:
         return result
-    plots.denoising(sampling_model, schedule, cfg, run_dir / "denoising.png")
+    plots.denoising(sampling_model, schedule, cfg, run_dir / "denoising.png", prompts)
     last = f"samples/step_{tc.max_steps:07d}.png"
     log.info(f"wrote {run_dir}: checkpoints/last.pt, {last}, metrics.jsonl, loss.png, "
              f"loss_by_t.png, denoising.png (loss {result['loss']:.4f}, eval_loss "

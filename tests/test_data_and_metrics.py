@@ -25,9 +25,9 @@ def test_gradient_images_follow_the_generator_formula():
 
 
 def test_load_data_gives_disjoint_sets_in_minus_one_one():
-    (train, train_labels), (evaluation, _) = load_data(data_config("gradients", num_train=200, num_eval=50))
-    assert train_labels is None  # gradients have no classes
-    train = to_model_range(train)
+    train, evaluation = load_data(data_config("gradients", num_train=200, num_eval=50))
+    assert train.labels is None and train.captions is None  # gradients have no classes
+    train, evaluation = to_model_range(train.images), evaluation.images
     assert train.shape == (200, 3, 16, 16) and evaluation.shape == (50, 3, 16, 16)
     assert train.min() >= -1 and train.max() <= 1
     assert train.min() < -0.9 and train.max() > 0.9  # the full range, not rescaled per image
@@ -65,7 +65,7 @@ def test_quality_flags_noise_and_collapse():
                     reason="no MNIST beside the checkout")
 def test_mnist_loads_from_the_shared_data_root():
     cfg = data_config("mnist", download=False, num_train=100, num_eval=10)
-    (train, train_labels), (evaluation, eval_labels) = load_data(cfg)
+    (train, train_labels, _), (evaluation, eval_labels, _) = load_data(cfg)
     assert train.dtype == torch.uint8  # stored as pixels: 4x smaller than floats
     train = to_model_range(train)
     assert train.shape == (100, 1, 28, 28) and evaluation.shape == (10, 1, 28, 28)

@@ -4,16 +4,20 @@ metric), and the (train, eval) splits a run trains and evaluates on.
 Adding a dataset is one row in DATASETS and one YAML file in conf/data/.
 """
 
+import logging
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import torch
 
 from ..errors import UserError
-from .folder import folder_classes, load_folder
+from .captions import label_captions
+from .folder import folder_captions, folder_classes, load_folder
 from .gradients import gradient_grid, load_gradients, make_gradients
 from .rows import RowFile, cache_entry, read_entry, write_entry
 from .torchvision_sets import load_mnist, loader
+
+log = logging.getLogger(__name__)
 
 __all__ = ["DATASETS", "Split", "load_data", "class_names", "to_model_range", "gradient_grid",
            "make_gradients", "load_mnist", "RowFile"]
@@ -33,6 +37,9 @@ class Dataset:
     shape: tuple | None = None           # a fixed (C, H, W); None: data.channels/height/width
     quality: str | None = None           # its metric in metrics.QUALITY_METRICS; None: none in-project
     generated: bool = False              # made in memory: nothing to stream
+    # data_cfg -> every image's captions ([]: none), in the order of the image ids its loader
+    # returns as labels when data.captions names a format; None: no captions of its own
+    captions: Callable | None = None
 
 
 def fixed(names: list[str]) -> Callable:
@@ -44,7 +51,7 @@ DATASETS = {
     "mnist": Dataset(loader("mnist"), fixed([str(d) for d in range(10)]), (1, 28, 28), "mnist_classifier"),
     "fashion_mnist": Dataset(loader("fashion_mnist"), fixed(FASHION_CLASSES), (1, 28, 28)),
     "cifar10": Dataset(loader("cifar10"), fixed(CIFAR10_CLASSES), (3, 32, 32)),
-    "folder": Dataset(load_folder, folder_classes),
+    "folder": Dataset(load_folder, folder_classes, captions=folder_captions),
 }
 
 # data.in_memory=auto streams a training set above this many bytes of uint8 pixels.
@@ -63,11 +70,18 @@ def to_model_range(images: torch.Tensor) -> torch.Tensor:
 
 class Split(NamedTuple):
     images: torch.Tensor | RowFile       # (N, C, H, W): see load_data
-    labels: torch.Tensor | None          # (N,) class indices, None for unlabelled data
+    labels: torch.Tensor | None          # (N,) class indices (with captions: caption groups), or None
+    captions: list[list[str]] | None = None  # each caption group's captions (captions.py), or None
 
     def head(self, n: int) -> "Split":
         """The first n images and their labels."""
-        return Split(self.images[:n], None if self.labels is None else self.labels[:n])
+        return self._replace(images=self.images[:n], labels=None if self.labels is None else self.labels[:n])
+
+    def keep(self, kept: torch.Tensor) -> "Split":
+        """The images where the bool mask `kept` is true."""
+        images = self.images.subset(self.images.rows[kept]) if isinstance(self.images, RowFile) \
+            else self.images[kept]
+        return self._replace(images=images, labels=self.labels[kept])
 
 
 def load_data(data_cfg) -> tuple[Split, Split]:
@@ -81,12 +95,44 @@ def load_data(data_cfg) -> tuple[Split, Split]:
         raise UserError(f"data={data_cfg.kind} images are {size}, got data.channels/height/width = "
                         f"{'x'.join(map(str, shape))}; leave those keys at their defaults")
     (train, train_labels), (evaluation, eval_labels) = dataset.load(data_cfg)
-    if streams(data_cfg, train):
-        if not isinstance(train, RowFile):
-            train = cache_rows(data_cfg, train)
-    elif isinstance(train, RowFile):
-        train = train.read_all()
-    return Split(train, train_labels), Split(to_model_range(evaluation), eval_labels)
+    train, evaluation = Split(train, train_labels), Split(evaluation, eval_labels)
+    if data_cfg.get("captions", "none") != "none":
+        train, evaluation = with_captions(data_cfg, train, evaluation)
+    if streams(data_cfg, train.images):
+        if not isinstance(train.images, RowFile):
+            train = train._replace(images=cache_rows(data_cfg, train.images))
+    elif isinstance(train.images, RowFile):
+        train = train._replace(images=train.images.read_all())
+    return train, evaluation._replace(images=to_model_range(evaluation.images))
+
+
+def with_captions(data_cfg, train: Split, evaluation: Split) -> tuple[Split, Split]:
+    """The splits with their caption groups (see captions.py); images without a caption are
+    reported in one line, then trained with the empty caption or left out
+    (data.missing_captions)."""
+    kind = data_cfg.captions  # config.check_captions made sure the data has such captions
+    if kind == "labels":
+        groups = label_captions(data_cfg, class_names(data_cfg))
+        return train._replace(captions=groups), evaluation._replace(captions=groups)
+    groups = DATASETS[data_cfg.kind].captions(data_cfg)
+    missing = sum(not group for group in groups)
+    if missing == len(groups):
+        raise UserError(f"data.captions={kind}: none of the {len(groups)} images of {data_cfg.path} "
+                        f"has a caption; check the file names in the metadata, or use data.captions=none")
+    if missing:
+        if data_cfg.missing_captions == "skip":
+            what = "left out (data.missing_captions=skip)"
+        else:
+            what = "trained with the empty caption (data.missing_captions=skip leaves them out)"
+        log.warning(f"{missing} of {len(groups)} images have no caption: {what}")
+    if data_cfg.missing_captions == "skip":
+        captioned = torch.tensor([bool(group) for group in groups])
+        train, evaluation = train.keep(captioned[train.labels]), evaluation.keep(captioned[evaluation.labels])
+        if not len(train.labels) or not len(evaluation.labels):
+            raise UserError(f"data.missing_captions=skip leaves no {'training' if not len(train.labels) else 'held-out'} "
+                            f"images: use data.missing_captions=empty, or caption more images")
+    groups = [group or [""] for group in groups]
+    return train._replace(captions=groups), evaluation._replace(captions=groups)
 
 
 def streams(data_cfg, train) -> bool:

@@ -1,4 +1,6 @@
-"""Captions of a folder's images (data.captions), read in the project (no `datasets` dependency):
+"""Captions (data.captions): a folder's own, or made from a labelled set's class names (labels).
+
+A folder's captions are read in the project (no `datasets` dependency):
 
 - jsonl: the Hugging Face imagefolder convention, a metadata.jsonl beside the images, one JSON
   object a line with `file_name` (relative to the metadata file's folder) and a text column;
@@ -7,14 +9,28 @@
 - auto: the first of these that the folder has.
 
 A caption value may be a list (jsonl) or several lines (sidecar): training draws one at random.
-This is the first step of prompt conditioning (issue 16); the training path does not read it yet.
+With data.captions=labels every class gets a caption per template of data.caption_templates
+("a handwritten {word}": "a handwritten seven"); data.held_out_template is kept out of training,
+to try a phrasing the model has not seen.
+
+A split carries its captions as groups: `Split.labels` holds each image's group (its class for
+labels, the image itself for a folder) and `Split.captions` each group's captions, so that the
+data paths move small indices, and CaptionTable turns them into the tokens of one caption drawn
+at random, on the device.
 """
 
 import csv
 import json
+import logging
 from pathlib import Path
 
+import torch
+
 from ..errors import UserError
+
+log = logging.getLogger(__name__)
+
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 FORMATS = ("jsonl", "csv", "sidecar")
 METADATA = {"jsonl": "metadata.jsonl", "csv": "metadata.csv"}
@@ -87,3 +103,41 @@ def texts(value, metadata: Path, number: int) -> list[str]:
 
 def lines(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def templated(template: str, name: str) -> str:
+    """A caption from a template: {name} is the class name ("7", "cat"), {word} the name spelled
+    out ("seven"; other names stay as they are)."""
+    word = NUMBER_WORDS[int(name)] if name.isdigit() and int(name) < len(NUMBER_WORDS) else name
+    return template.format(name=name, word=word)
+
+
+def label_captions(data_cfg, classes: list[str]) -> list[list[str]]:
+    """data.captions=labels: every class's captions, one per training template."""
+    try:
+        return [[templated(template, name) for template in data_cfg.caption_templates] for name in classes]
+    except (KeyError, IndexError, ValueError) as error:
+        raise UserError(f"data.caption_templates: {error!r} is not a placeholder; write templates "
+                        f"with {{name}} (the class name) and {{word}} (it spelled out)") from None
+
+
+class CaptionTable:
+    """The captions of a split's groups, tokenized once and kept on the device: draw() picks one
+    caption of each image's group at random (from the training stream, without a host sync);
+    first() takes each group's first, as evaluation does."""
+
+    def __init__(self, groups: list[list[str]], tokenize, device):
+        distinct = sorted({caption for group in groups for caption in group})
+        index = {caption: i for i, caption in enumerate(distinct)}
+        width = max(len(group) for group in groups)
+        self.tokens = tokenize(distinct).to(device)
+        self.options = torch.tensor([[index[c] for c in group] + [0] * (width - len(group))
+                                     for group in groups], device=device)
+        self.counts = torch.tensor([len(group) for group in groups], device=device)
+
+    def draw(self, groups: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        pick = torch.rand(groups.shape, generator=generator, device=groups.device) * self.counts[groups]
+        return self.tokens[self.options[groups, pick.long()]]
+
+    def first(self, groups: torch.Tensor) -> torch.Tensor:
+        return self.tokens[self.options[groups.to(self.options.device), 0]]

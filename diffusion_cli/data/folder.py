@@ -3,6 +3,8 @@
 Images are resized (shorter side to data.image_size, then center-cropped to a square) and
 converted to data.channels; with data.labels=subfolders each first-level subfolder is a class
 (sorted names -> ids). A fixed-seed permutation holds data.num_eval images out of training.
+With a caption format in data.captions the labels are the images' ids, which folder_captions()
+gives the captions of.
 """
 
 import logging
@@ -13,6 +15,7 @@ import torch
 from torchvision.transforms.v2 import functional as F
 
 from ..errors import UserError
+from .captions import read_captions
 from .rows import RowFile, cache_entry, read_entry, write_entry
 
 log = logging.getLogger(__name__)
@@ -89,9 +92,9 @@ def decode_all(files: list[Path], size: int, channels: int, workers: int, skippe
             bar.update(len(batch))
 
 
-def cached_folder(data_cfg) -> tuple[RowFile, torch.Tensor | None, list[str]]:
+def cached_folder(data_cfg) -> tuple[RowFile, torch.Tensor | None, list[Path]]:
     """Every decodable image of the folder in the row cache (decoded on the first run), their
-    labels (None for data.labels=none) and the class names."""
+    labels (None for data.labels=none) and their files."""
     root, files, classes = scan(data_cfg)
     size, channels = data_cfg.image_size, data_cfg.channels
     key = {"version": CACHE_VERSION, "root": str(root.resolve()), "size": size, "channels": channels,
@@ -116,7 +119,18 @@ def cached_folder(data_cfg) -> tuple[RowFile, torch.Tensor | None, list[str]]:
     if classes:
         ids = {name: i for i, name in enumerate(classes)}
         labels = torch.tensor([ids[files[i].relative_to(root).parts[0]] for i in kept])
-    return RowFile(pixels, tuple(meta["shape"]), torch.arange(len(kept))), labels, classes
+    return RowFile(pixels, tuple(meta["shape"]), torch.arange(len(kept))), labels, [files[i] for i in kept]
+
+
+def captioned(data_cfg) -> bool:
+    return data_cfg.get("captions", "none") not in ("none", "labels")
+
+
+def folder_captions(data_cfg) -> list[list[str]]:
+    """Every decodable image's captions ([]: none), in row order."""
+    _, _, files = cached_folder(data_cfg)
+    captions = read_captions(Path(data_cfg.path).expanduser(), files, data_cfg.captions, data_cfg.caption_column)
+    return [captions.get(path, []) for path in files]
 
 
 def stat(path: Path) -> tuple[int, int]:
@@ -126,9 +140,11 @@ def stat(path: Path) -> tuple[int, int]:
 
 def load_folder(data_cfg):
     """((train rows, labels), (eval images, labels)): num_eval images held out by a fixed-seed
-    permutation, then up to num_train of the rest."""
+    permutation, then up to num_train of the rest. With captions the labels are image ids."""
     images, labels, _ = cached_folder(data_cfg)
     count = len(images)
+    if captioned(data_cfg):
+        labels = torch.arange(count)
     if data_cfg.num_eval >= count:
         raise UserError(f"data.path={data_cfg.path} has {count} readable images and data.num_eval="
                         f"{data_cfg.num_eval} would hold out all of them: lower data.num_eval")

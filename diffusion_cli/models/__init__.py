@@ -1,7 +1,10 @@
-"""The denoisers. Every model is called as model(x_t, t) or model(x_t, t, labels), t and labels
-LongTensors of shape (B,), and returns a tensor shaped like x_t: the noise, the clean image or v,
-as its `prediction` attribute says (set from model.prediction)."""
+"""The denoisers. Every model is called as model(x_t, t) or model(x_t, t, cond), t a LongTensor of
+shape (B,) and cond the condition: class indices (B,) for a class-conditional model, caption
+tokens (B, L) for a text-conditioned one (model.text; models/text_encoder.py); it returns a
+tensor shaped like x_t: the noise, the clean image or v, as its `prediction` attribute says (set
+from model.prediction)."""
 
+import torch
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -12,21 +15,55 @@ from .resunet import ResUNet
 from .unet import UNet
 
 MODELS = {"mlp": MLP, "unet": UNet, "resunet": ResUNet, "dit": DiT}
+TEXT_MODELS = ("resunet", "dit")  # the models with cross-attention
 
 
 def image_shape(data_cfg) -> tuple[int, int, int]:
     return (data_cfg.channels, data_cfg.height, data_cfg.width)
 
 
-def build_model(model_cfg, data_cfg) -> nn.Module:
-    """The model named by `model_cfg.kind`, its other keys as keyword arguments, sized for `data`."""
+def text_config(cfg):
+    """The run's text_encoder config when its data has captions, else None."""
+    if cfg.data.get("captions", "none") == "none":
+        return None
+    return OmegaConf.to_container(cfg.text_encoder, resolve=True)
+
+
+def build_model(model_cfg, data_cfg, text_cfg: dict | None = None) -> nn.Module:
+    """The model named by `model_cfg.kind`, its other keys as keyword arguments, sized for `data`;
+    conditioned on captions through the text encoder `text_cfg` where given."""
     if model_cfg.kind not in MODELS:
         raise UserError(f"model.kind={model_cfg.kind!r} is unknown; choose one of: {', '.join(MODELS)}")
     options = {key: value for key, value in OmegaConf.to_container(model_cfg, resolve=True).items()
                if key not in ("kind", "prediction")}
+    if text_cfg:
+        if model_cfg.kind not in TEXT_MODELS:
+            raise UserError(f"model={model_cfg.kind} can't attend to captions: use model=resunet (or "
+                            f"resunet32, resunet64) or model=dit with data.captions")
+        options["text"] = text_cfg
+    else:
+        options.pop("cross_attention_resolutions", None)
     try:
         model = MODELS[model_cfg.kind](image_shape(data_cfg), **options)
     except ValueError as error:
         raise UserError(str(error)) from None
     model.prediction = model_cfg.get("prediction", "eps")  # checkpoints before it predicted eps
     return model
+
+
+def text_encoder(model: nn.Module) -> nn.Module | None:
+    """The text encoder of a text-conditioned model (its tokenizer included), else None."""
+    text = getattr(model, "text", None)
+    return text.encoder if text is not None else None
+
+
+def is_conditional(model: nn.Module) -> bool:
+    """Whether the model takes a condition: class labels or captions."""
+    return bool(model.num_classes) or text_encoder(model) is not None
+
+
+def null_condition(model: nn.Module, cond: torch.Tensor) -> torch.Tensor:
+    """The unconditional input shaped like `cond`: the null label, or the empty caption."""
+    if text_encoder(model) is not None:
+        return model.text.null(len(cond)).to(cond.device)
+    return torch.full_like(cond, model.num_classes)

@@ -1,5 +1,6 @@
 """The diffusion transformer (Peebles & Xie 2023, "DiT"): the image cut into patch tokens, transformer
-blocks conditioned on t (and the label) by adaLN-Zero, the tokens put back into an image."""
+blocks conditioned on t (and the label) by adaLN-Zero, the tokens put back into an image. With
+captions every block also attends to the caption's token embeddings (as PixArt-alpha does)."""
 
 import math
 
@@ -7,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .embedding import TimeEmbedding
+from .embedding import CrossAttention, TextConditioning, TimeEmbedding, conditioning
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -29,9 +30,10 @@ def sinusoidal_positions(rows: int, cols: int, width: int) -> torch.Tensor:
 class DiTBlock(nn.Module):
     """Self-attention and an MLP, each a residual branch whose LayerNorm is shifted and scaled,
     and whose output is gated, by values regressed from the conditioning; the regression starts at
-    zero (adaLN-Zero), so each block starts as the identity."""
+    zero (adaLN-Zero), so each block starts as the identity. With context_dim > 0, cross-attention
+    to the caption comes between the two (adaLN keeps conditioning on t)."""
 
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, context_dim: int = 0):
         super().__init__()
         self.heads = heads
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
@@ -43,14 +45,17 @@ class DiTBlock(nn.Module):
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
         nn.init.zeros_(self.modulation[1].weight)
         nn.init.zeros_(self.modulation[1].bias)
+        self.cross = CrossAttention(width, context_dim, heads) if context_dim else None
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, context=None) -> torch.Tensor:
         b, n, width = x.shape
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(cond)[:, None].chunk(6, dim=-1)
         q, k, v = self.qkv(modulate(self.norm1(x), shift1, scale1)).view(
             b, n, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
         attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, width)
         x = x + gate1 * self.proj(attended)
+        if self.cross is not None:
+            x = self.cross(x, context)
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
@@ -60,7 +65,8 @@ class DiT(nn.Module):
     patches' pixels (zero-initialised) -> (B, C, H, W)."""
 
     def __init__(self, image_shape: tuple[int, int, int], patch_size: int = 2, width: int = 128,
-                 depth: int = 6, heads: int = 4, position: str = "learned", num_classes: int = 0):
+                 depth: int = 6, heads: int = 4, position: str = "learned", num_classes: int = 0,
+                 text: dict | None = None):
         super().__init__()
         channels, height, width_px = image_shape
         if height % patch_size or width_px % patch_size:
@@ -81,7 +87,9 @@ class DiT(nn.Module):
         else:
             self.register_buffer("position", sinusoidal_positions(*self.grid, width)[None], persistent=False)
         self.time = TimeEmbedding(width, num_classes)
-        self.blocks = nn.ModuleList(DiTBlock(width, heads) for _ in range(depth))
+        self.text = TextConditioning(text, width) if text else None
+        self.blocks = nn.ModuleList(DiTBlock(width, heads, self.text.width if text else 0)
+                                    for _ in range(depth))
         self.final_norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
         self.final = nn.Linear(width, patch_size * patch_size * channels)
@@ -90,10 +98,10 @@ class DiT(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        cond = self.time(t, labels)
+        cond, context = conditioning(self, t, labels)
         tokens = self.patchify(x).flatten(2).transpose(1, 2) + self.position      # (B, N, width)
         for block in self.blocks:
-            tokens = block(tokens, cond)
+            tokens = block(tokens, cond, context)
         shift, scale = self.final_modulation(cond)[:, None].chunk(2, dim=-1)
         patches = self.final(modulate(self.final_norm(tokens), shift, scale))    # (B, N, p*p*C)
         return self.unpatchify(patches)

@@ -1,12 +1,13 @@
 """The standard diffusion U-Net (Ho et al. 2020; Nichol & Dhariwal 2021), sized for small images:
 residual blocks with GroupNorm and SiLU, the time (and label) embedding through an MLP into every
-block, self-attention at the lowest resolution, dropout, skip connections between the halves."""
+block, self-attention at the lowest resolution, dropout, skip connections between the halves;
+with captions, cross-attention to their token embeddings (Rombach et al. 2022)."""
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .embedding import TimeEmbedding
+from .embedding import CrossAttention, TextConditioning, TimeEmbedding, conditioning
 from .unet import group_norm
 
 
@@ -19,10 +20,11 @@ def zero(module: nn.Module) -> nn.Module:
 
 class ResBlock(nn.Module):
     """x + conv(dropout(SiLU(GN(conv(SiLU(GN(x))) + emb)))), with a 1x1 skip when widths differ;
-    then self-attention when `attention`."""
+    then self-attention when `attention`, and cross-attention to a caption of width
+    `context_dim` when it is > 0."""
 
     def __init__(self, in_channels: int, out_channels: int, emb_dim: int, dropout: float,
-                 attention: bool = False):
+                 attention: bool = False, context_dim: int = 0):
         super().__init__()
         self.norm1 = group_norm(in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
@@ -32,12 +34,18 @@ class ResBlock(nn.Module):
         self.conv2 = zero(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
         self.attention = Attention(out_channels) if attention else nn.Identity()
+        self.cross = CrossAttention(out_channels, context_dim) if context_dim else None
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context=None) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         h = h + self.emb(emb)[:, :, None, None]
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return self.attention(self.skip(x) + h)
+        h = self.attention(self.skip(x) + h)
+        if self.cross is None:
+            return h
+        b, c, height, width = h.shape
+        pixels = self.cross(h.flatten(2).transpose(1, 2), context)       # (b, hw, c)
+        return pixels.transpose(1, 2).reshape(b, c, height, width)
 
 
 class Attention(nn.Module):
@@ -61,13 +69,17 @@ class ResUNet(nn.Module):
     """Levels of widths base_channels * channel_mults[i], halving the resolution between levels;
     num_res_blocks residual blocks per level on the way down, one more on the way up; the middle
     is ResBlock, Attention (if `attention`), ResBlock; the blocks of levels whose resolution (the
-    image height divided by 2^level) is in `attention_resolutions` add self-attention too. H and W
-    must be divisible by 2^(levels - 1)."""
+    image height divided by 2^level) is in `attention_resolutions` add self-attention too. With
+    `text` (a text_encoder config) the model takes caption tokens in place of labels, and the
+    blocks of the levels at `cross_attention_resolutions` (None: every level below the full
+    resolution) and the middle attend to the caption. H and W must be divisible by
+    2^(levels - 1)."""
 
     def __init__(self, image_shape: tuple[int, int, int], base_channels: int = 16,
                  channel_mults: tuple[int, ...] = (1, 2, 2), num_res_blocks: int = 1,
                  attention: bool = True, dropout: float = 0.1, num_classes: int = 0,
-                 attention_resolutions: tuple[int, ...] = ()):
+                 attention_resolutions: tuple[int, ...] = (), text: dict | None = None,
+                 cross_attention_resolutions: tuple[int, ...] | None = None):
         super().__init__()
         channels, height, width = image_shape
         factor = 2 ** (len(channel_mults) - 1)
@@ -83,26 +95,33 @@ class ResUNet(nn.Module):
         self.image_shape, self.num_classes = tuple(image_shape), num_classes
         emb_dim = 4 * base_channels
         self.time = TimeEmbedding(base_channels, num_classes, out_dim=emb_dim)
+        self.text = TextConditioning(text, emb_dim) if text else None
+        context = self.text.width if text else 0
+        if cross_attention_resolutions is None:
+            cross_attention_resolutions = [height // 2 ** level for level in range(1, len(widths))]
+        crosses = [context if height // 2 ** level in cross_attention_resolutions else 0
+                   for level in range(len(widths))]
         self.inp = nn.Conv2d(channels, widths[0], 3, padding=1)
 
         self.down, skip_widths, current = nn.ModuleList(), [widths[0]], widths[0]
         for level, width_ in enumerate(widths):
             for _ in range(num_res_blocks):
-                self.down.append(ResBlock(current, width_, emb_dim, dropout, attends[level]))
+                self.down.append(ResBlock(current, width_, emb_dim, dropout, attends[level], crosses[level]))
                 current = width_
                 skip_widths.append(current)
             if level < len(widths) - 1:
                 self.down.append(nn.Conv2d(current, current, 3, stride=2, padding=1))
                 skip_widths.append(current)
 
-        self.middle1 = ResBlock(current, current, emb_dim, dropout)
+        self.middle1 = ResBlock(current, current, emb_dim, dropout, context_dim=context)
         self.attention = Attention(current) if attention else nn.Identity()
         self.middle2 = ResBlock(current, current, emb_dim, dropout)
 
         self.up = nn.ModuleList()
         for level, width_ in reversed(list(enumerate(widths))):
             for _ in range(num_res_blocks + 1):
-                self.up.append(ResBlock(current + skip_widths.pop(), width_, emb_dim, dropout, attends[level]))
+                self.up.append(ResBlock(current + skip_widths.pop(), width_, emb_dim, dropout,
+                                        attends[level], crosses[level]))
                 current = width_
             if level > 0:
                 self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
@@ -110,17 +129,17 @@ class ResUNet(nn.Module):
         self.out = nn.Sequential(group_norm(current), nn.SiLU(),
                                  zero(nn.Conv2d(current, channels, 3, padding=1)))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        emb = self.time(t, labels)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        emb, context = conditioning(self, t, cond)
         h = self.inp(x)
         skips = [h]
         for layer in self.down:
-            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+            h = layer(h, emb, context) if isinstance(layer, ResBlock) else layer(h)
             skips.append(h)
-        h = self.middle2(self.attention(self.middle1(h, emb)), emb)
+        h = self.middle2(self.attention(self.middle1(h, emb, context)), emb)
         for layer in self.up:
             if isinstance(layer, ResBlock):
-                h = layer(torch.cat([h, skips.pop()], dim=1), emb)
+                h = layer(torch.cat([h, skips.pop()], dim=1), emb, context)
             else:
                 h = layer(h)
         return self.out(h)
