@@ -2,6 +2,8 @@
 
 A checkpoint holds `format_version`, `step`, `model` (state dict), `ema` (the EMA weights' state
 dict, when trainer.ema_decay > 0), `optimizer` (state dict), `scaler` (fp16 only),
+`latent` (task=autoencoder: the latent scale and shift), `autoencoder` (latent diffusion: the
+frozen autoencoder, its config and scale: autoencoder.LatentSpace.state()),
 `config` (the whole resolved run config as plain containers), `rng` (the device type and every
 rank's generator states, as tensors) and `lr_rewarm` (after a resume that moved the learning-rate
 curve). `load()` rebuilds model and schedule from that dict alone; `save_training()` and
@@ -85,7 +87,11 @@ def load(path: str | Path, device="cpu", use_ema: bool = True
     The same loader `diffusion-sample` uses; call it from a notebook as well."""
     state = read(path, map_location=device)
     config = OmegaConf.create(state["config"])
-    model = build_model(config.model, config.data, text_config(config)).to(device)
+    if config.get("task") == "autoencoder":
+        raise UserError(f"ckpt={path} is an autoencoder (task=autoencoder), not a denoiser: train one on "
+                        f"its latents with diffusion-train autoencoder.ckpt={run_dir_of(resolve(path))} ...")
+    shape = tuple(state["autoencoder"]["latent_shape"]) if "autoencoder" in state else config.data
+    model = build_model(config.model, shape, text_config(config)).to(device)
     try:
         model.load_state_dict(state["ema"] if use_ema and "ema" in state else state["model"])
     except RuntimeError as error:
@@ -117,6 +123,10 @@ def save_training(trainer, cfg: DictConfig, step: int, run_dir: Path, rng: dict)
         state["scaler"] = trainer.scaler.state_dict()
     if trainer.lr_rewarm is not None:
         state["lr_rewarm"] = list(trainer.lr_rewarm)
+    if trainer.latent is not None:  # task=autoencoder: what latent diffusion scales its latents by
+        state["latent"] = trainer.latent
+    if trainer.latents is not None:  # latent diffusion: the autoencoder, so that sampling needs no other file
+        state["autoencoder"] = trainer.latents.state()
     directory = run_dir / "checkpoints"
     for stale in directory.glob(".*.tmp"):  # left by a process killed while writing
         stale.unlink()
@@ -189,6 +199,8 @@ def resumed_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, d
     for group in ("trainer", "data"):  # keys newer than the checkpoint: the defaults
         for key, value in cfg[group].items():
             saved[group].setdefault(key, value)
+    for key in ("task", "autoencoder", "text_encoder"):  # groups newer than it (pixel space, no text)
+        saved.setdefault(key, cfg[key])
     for override in overrides:
         key = override.partition("=")[0].lstrip("+~")
         if key == "resume" or key.startswith("hydra."):
@@ -248,3 +260,27 @@ def continue_metrics(source: Path, target: Path, step: int) -> None:
             pass
     with atomic_write(target) as file:
         file.write("".join(kept))
+
+
+def load_autoencoder(path: str | Path, device="cpu"):
+    """autoencoder.ckpt=: a task=autoencoder run dir or checkpoint, as a frozen LatentSpace."""
+    from .autoencoder import LatentSpace
+
+    state = read(path, map_location=device, key="autoencoder.ckpt")
+    config = state["config"]
+    if config.get("task") != "autoencoder" or "latent" not in state:
+        raise UserError(f"autoencoder.ckpt={path} is not an autoencoder (it was trained with task="
+                        f"{config.get('task', 'diffusion')}): give the run dir of a diffusion-train "
+                        f"task=autoencoder run")
+    data = config["data"]
+    return LatentSpace.from_state({
+        "config": config["autoencoder"], "latent": state["latent"], "source": str(resolve(path)),
+        "image_shape": [data["channels"], data["height"], data["width"]],
+        "model": state.get("ema", state["model"])}, device)
+
+
+def latent_space(state: dict, device="cpu"):
+    """The LatentSpace a latent denoiser's checkpoint embeds, or None for a pixel-space one."""
+    from .autoencoder import LatentSpace
+
+    return LatentSpace.from_state(state["autoencoder"], device) if "autoencoder" in state else None

@@ -17,7 +17,7 @@ from .data import DATASETS, class_names
 from .data.captions import FORMATS as CAPTION_FORMATS
 from .errors import UserError
 from .metrics import quality_keys
-from .models import MODELS, TEXT_MODELS
+from .models import MODELS, TEXT_MODELS, image_shape, size_factor
 from .models.text_encoder import ENCODERS
 from .runtime import PRECISIONS, resolve_device
 from .sampling import SAMPLERS
@@ -97,6 +97,21 @@ class TextEncoderConfig:
     depth: int = MISSING
     heads: int = MISSING
     max_length: int = MISSING
+
+
+@dataclass
+class AutoencoderConfig:
+    kind: str = MISSING
+    base_channels: int = MISSING
+    channel_mults: List[int] = MISSING
+    num_res_blocks: int = MISSING
+    z_channels: int = MISSING
+    loss: str = MISSING
+    kl_weight: float = MISSING
+    shift: bool = MISSING
+    scale_images: int = MISSING
+    ckpt: Optional[str] = MISSING
+    cache_latents: bool = MISSING
 
 
 @dataclass
@@ -205,6 +220,7 @@ def register_schemas() -> None:
     store.store(group="schema/model", name="resunet", node=ResUNetConfig)
     store.store(group="schema/model", name="dit", node=DiTConfig)
     store.store(group="schema/text_encoder", name="tiny", node=TextEncoderConfig)
+    store.store(group="schema/autoencoder", name="kl", node=AutoencoderConfig)
     store.store(group="schema/schedule", name="schedule", node=ScheduleConfig)
     store.store(group="schema/schedule", name="edm", node=EDMScheduleConfig)
     store.store(group="schema/trainer", name="trainer", node=TrainerConfig)
@@ -275,6 +291,15 @@ RULES = [
     ("data.captions", *_one_of(("none", "auto", *CAPTION_FORMATS, "labels"))),
     ("data.caption_dropout", lambda v: 0 <= v < 1, "a probability from 0 to below 1, e.g. 0.1"),
     ("data.missing_captions", *_one_of(("empty", "skip"))),
+    ("task", *_one_of(("diffusion", "autoencoder"))),
+    ("autoencoder.kind", *_one_of(("kl",))),
+    ("autoencoder.base_channels", _positive, "an integer >= 1"),
+    ("autoencoder.channel_mults", lambda v: len(v) >= 1 and min(v) >= 1, "a list of integers >= 1, e.g. [1,2,2]"),
+    ("autoencoder.num_res_blocks", _positive, "an integer >= 1"),
+    ("autoencoder.z_channels", _positive, "an integer >= 1"),
+    ("autoencoder.loss", *_one_of(("l1", "l2"))),
+    ("autoencoder.kl_weight", _non_negative, "a number >= 0, e.g. 1e-6"),
+    ("autoencoder.scale_images", _positive, "an integer >= 1"),
     ("text_encoder.kind", *_one_of(tuple(ENCODERS))),
     ("text_encoder.width", _positive, "an integer >= 1"),
     ("text_encoder.depth", _non_negative, "an integer >= 0"),
@@ -351,6 +376,7 @@ def validate(cfg: DictConfig) -> None:
     if "model" in cfg:
         check_num_classes(cfg.model, cfg.data)
         check_captions(cfg)
+        check_latent_sizes(cfg)
     check_available(cfg.get("logger"))
     if "sweep" in cfg:
         check_objective(cfg)
@@ -416,6 +442,26 @@ def check_captions(cfg: DictConfig) -> None:
     if cfg.model.kind not in TEXT_MODELS:
         raise UserError(f"data.captions={cfg.data.captions} needs a model that attends to text: use "
                         f"model=resunet (or resunet32, resunet64) or model=dit, not model={cfg.model.kind}")
+
+
+def check_latent_sizes(cfg: DictConfig) -> None:
+    """Latent diffusion (autoencoder.ckpt=): the autoencoder must be one, for images of the data's
+    channels, and both it and the denoiser must divide the image size. A resumed run uses the
+    autoencoder its checkpoint embeds: nothing to check."""
+    if cfg.get("task") != "diffusion" or cfg.autoencoder.ckpt is None or cfg.get("resume") is not None:
+        return
+    latents = checkpoint.load_autoencoder(cfg.autoencoder.ckpt)
+    channels, height, width = image_shape(cfg.data)
+    if channels != latents.image_shape[0]:
+        raise UserError(f"autoencoder.ckpt={cfg.autoencoder.ckpt} encodes {latents.image_shape[0]}-channel "
+                        f"images, data={cfg.data.kind} has {channels}: train an autoencoder on this data "
+                        f"(diffusion-train task=autoencoder data=...)")
+    f, m = latents.model.factor, size_factor(cfg.model)
+    if height % (f * m) or width % (f * m):
+        raise UserError(f"latent diffusion: the autoencoder (f={f}) and model={cfg.model.kind} (which divides "
+                        f"its input by {m}) need image sizes divisible by {f * m}, got {height}x{width}: use "
+                        f"such a size (data.image_size={-(-height // (f * m)) * f * m}), or a model for "
+                        f"{height // f}x{width // f} latents (fewer model.channel_mults, or model.patch_size=1)")
 
 
 def check_sampler_steps(sampler_cfg: DictConfig, T: int) -> None:

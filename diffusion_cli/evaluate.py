@@ -7,7 +7,7 @@ from omegaconf import DictConfig, OmegaConf
 from .data import Split
 from .images import save_grid, to_unit
 from .metrics import quality_metric, sample_quality
-from .models import image_shape, is_conditional
+from .models import is_conditional, model_shape
 from .prompts import sample_conditions
 from .runtime import autocast, eval_mode
 from .sampling import sample_images
@@ -24,12 +24,13 @@ QUALITY_SAMPLER = OmegaConf.create({"kind": "ddim", "steps": 50, "eta": 0.0, "cl
 class Evaluator:
     """The held-out loss (unweighted MSE in the model's prediction) at fixed timesteps and noise,
     so numbers are comparable across steps; conditional models see the images' own conditions
-    (labels, or caption tokens). `prompts`: what a text model's grids and quality draw."""
+    (labels, or caption tokens). `prompts`: what a text model's grids and quality draw. With
+    `latents` (latent diffusion's LatentSpace) data.images are latents, and the grids decode."""
 
     def __init__(self, data: Split, schedule: NoiseSchedule, batch_size: int, seed: int,
-                 prompts: list[str] | None = None):
+                 prompts: list[str] | None = None, latents=None):
         generator = torch.Generator().manual_seed(seed)
-        self.images, self.labels, self.prompts = data.images, data.labels, prompts
+        self.images, self.labels, self.prompts, self.latents = data.images, data.labels, prompts, latents
         # Timesteps spread evenly over 0..T-1, one per image; noise fixed once.
         self.t = torch.linspace(0, schedule.T - 1, len(self.images)).round().long()
         self.noise = torch.randn(self.images.shape, generator=generator)
@@ -59,9 +60,9 @@ class Evaluator:
 
 
 @torch.inference_mode()
-def reconstructions(model, schedule: NoiseSchedule, data: Split, seed: int) -> torch.Tensor:
+def reconstructions(model, schedule: NoiseSchedule, data: Split, seed: int, clamp: bool = True) -> torch.Tensor:
     """Rows: the clean images, then for each t in RECONSTRUCTION_TIMES x_t and the model's x0
-    estimate (clipped to [-1, 1]). Returns the rows stacked, in [-1, 1]."""
+    estimate (clipped to [-1, 1] with `clamp`: images, not latents). Returns the rows stacked."""
     device = schedule.betas.device
     x0 = data.images.to(device)
     labels = data.labels.to(device) if is_conditional(model) else None
@@ -72,34 +73,37 @@ def reconstructions(model, schedule: NoiseSchedule, data: Split, seed: int) -> t
             t = torch.full((len(x0),), round(fraction * (schedule.T - 1)), device=device)
             x_t = schedule.q_sample(x0, t, noise)
             _, x0_estimate = schedule.eps_and_x0(x_t, t, model(x_t, t, labels), model.prediction)
-            rows += [x_t.clamp(-1, 1), x0_estimate.clamp(-1, 1)]
+            rows += [x_t.clamp(-1, 1), x0_estimate.clamp(-1, 1)] if clamp else [x_t, x0_estimate]
     return torch.cat(rows)
 
 
-def write_grids(model, schedule, cfg, step: int, run_dir, eval_data: Split,
-                prompts: list[str] | None = None) -> dict:
+def write_grids(model, schedule, cfg, step: int, run_dir, eval_data: Split, evaluator: Evaluator) -> dict:
     """The sample grid (fixed seed, so grids are comparable across steps; one row per class or
     prompt for a conditional model) and the reconstruction grid; returns their paths by name."""
-    labels, _, nrow, titles = sample_conditions(model, cfg.data, prompts, cfg.trainer.num_grid_images, grid=True)
+    latents = evaluator.latents
+    labels, _, nrow, titles = sample_conditions(model, cfg.data, evaluator.prompts, cfg.trainer.num_grid_images, grid=True)
     count = len(labels) if labels is not None else cfg.trainer.num_grid_images
-    samples = sample_images(model, schedule, cfg.sampler, (count, *image_shape(cfg.data)),
-                            batch_size=cfg.trainer.batch_size, seed=cfg.trainer.seed, labels=labels)
+    samples = sample_images(model, schedule, cfg.sampler, (count, *model_shape(cfg.data, latents)),
+                            batch_size=cfg.trainer.batch_size, seed=cfg.trainer.seed, labels=labels,
+                            latents=latents)
     shown = eval_data.head(8)
+    rows = reconstructions(model, schedule, shown, cfg.trainer.seed, clamp=latents is None)
     return {"samples": save_grid(samples, run_dir / "samples" / f"step_{step:07d}.png", nrow,
                                  row_titles=titles),
-            "reconstructions": save_grid(to_unit(reconstructions(model, schedule, shown, cfg.trainer.seed)),
+            "reconstructions": save_grid(to_unit(rows if latents is None else latents.decode(rows)),
                                          run_dir / "reconstructions" / f"step_{step:07d}.png",
                                          nrow=len(shown.images))}
 
 
-def quality(model, schedule: NoiseSchedule, cfg: DictConfig, prompts: list[str] | None = None) -> dict:
+def quality(model, schedule: NoiseSchedule, cfg: DictConfig, evaluator: Evaluator) -> dict:
     """The data's quality metrics on trainer.num_quality_images samples drawn with QUALITY_SAMPLER
     from a fixed seed (the classes or prompts in turn for a conditional model, no guidance)."""
     count = cfg.trainer.num_quality_images
-    conditions, classes, _, _ = sample_conditions(model, cfg.data, prompts, count)
+    conditions, classes, _, _ = sample_conditions(model, cfg.data, evaluator.prompts, count)
     sampler = OmegaConf.merge(QUALITY_SAMPLER, {"steps": min(QUALITY_SAMPLER.steps, schedule.T)})
-    images = sample_images(model, schedule, sampler, (count, *image_shape(cfg.data)),
-                           batch_size=cfg.trainer.batch_size, seed=cfg.trainer.seed, labels=conditions)
+    images = sample_images(model, schedule, sampler, (count, *model_shape(cfg.data, evaluator.latents)),
+                           batch_size=cfg.trainer.batch_size, seed=cfg.trainer.seed, labels=conditions,
+                           latents=evaluator.latents)
     return sample_quality(images, cfg.data, classes)
 
 
@@ -118,7 +122,7 @@ def evaluate(record: dict, step: int, model, schedule: NoiseSchedule, evaluator:
         if due(step, tc.eval_every, tc.max_steps):
             record["eval_loss"], record["eval_loss_by_t"] = evaluator.loss(model)
         if due(step, tc.sample_every, tc.max_steps):
-            grids = write_grids(model, schedule, cfg, step, run_dir, eval_data, evaluator.prompts)
+            grids = write_grids(model, schedule, cfg, step, run_dir, eval_data, evaluator)
         if tc.num_quality_images and quality_metric(cfg.data) and due(step, tc.quality_every, tc.max_steps):
-            record.update(quality(model, schedule, cfg, evaluator.prompts))
+            record.update(quality(model, schedule, cfg, evaluator))
     return grids

@@ -1,10 +1,11 @@
-"""The training objective (Ho et al. 2020): draw one timestep t per sample (uniformly, or as the
-schedule says) and noise eps, form
-x_t = q_sample(x0, t, eps), and regress the model's output on its target (eps, x0 or v, as
-model.prediction says) with an MSE loss, optionally min-SNR weighted."""
+"""The training objectives. The denoiser's (Ho et al. 2020): draw one timestep t per sample
+(uniformly, or as the schedule says) and noise eps, form x_t = q_sample(x0, t, eps), and regress
+the model's output on its target (eps, x0 or v, as model.prediction says) with an MSE loss,
+optionally min-SNR weighted. The autoencoder's: reconstruction plus a small KL term."""
 
 import torch
 
+from .models.autoencoder import kl_divergence, reconstruction_error
 from .schedule import NoiseSchedule
 
 MIN_SNR_GAMMA = 5.0
@@ -41,3 +42,14 @@ def training_loss(model, schedule: NoiseSchedule, x0: torch.Tensor, generator: t
     output = model(schedule.q_sample(x0, t, noise), t, labels)
     errors = (output - schedule.target(x0, t, noise, prediction)).pow(2).flatten(1).mean(1)
     return (loss_weight(schedule, t, prediction, loss_weighting) * errors).mean()
+
+
+def autoencoder_loss(model, images: torch.Tensor, generator: torch.Generator, reconstruction: str = "l1",
+                     kl_weight: float = 1e-6) -> torch.Tensor:
+    """The KL autoencoder's loss on a batch (Rombach et al. 2022, without the GAN): the L1 or L2
+    reconstruction error of a latent drawn from the posterior plus kl_weight x its KL divergence
+    from N(0, I), both summed per image as in the paper, then divided by the pixels per image so
+    that the learning rate does not depend on the image size."""
+    decoded, mean, log_variance = model(images, generator)
+    per_image = reconstruction_error(images, decoded, reconstruction) + kl_weight * kl_divergence(mean, log_variance)
+    return per_image.mean() / images[0].numel()

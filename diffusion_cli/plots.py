@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from .atomic import atomic_write  # noqa: E402
-from .models import image_shape  # noqa: E402
+from .models import model_shape  # noqa: E402
 from .prompts import sample_conditions  # noqa: E402
 from .sampling import model_device, sample, sampler_options, sampler_timesteps  # noqa: E402
 
@@ -31,19 +31,29 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def training_curves(run_dir: Path) -> None:
     """loss.png: train and eval loss against steps (log scale); loss_by_t.png: the eval loss in
-    each bucket of timesteps, one line per evaluation, later ones darker."""
+    each bucket of timesteps, one line per evaluation, later ones darker (a denoiser's); psnr.png:
+    the held-out PSNR (an autoencoder's)."""
     records = read_metrics(run_dir)
     figure, axes = plt.subplots(figsize=(6, 4))
     for key, style in (("loss", "-"), ("eval_loss", "o-")):
         points = [(r["step"], r[key]) for r in records if key in r]
         if points:
             axes.plot(*zip(*points), style, label=key.replace("_", " "), markersize=4)
-    axes.set(xlabel="step", ylabel="MSE in the model's prediction", yscale="log", title="loss")
+    axes.set(xlabel="step", ylabel="loss", yscale="log", title="loss")
     axes.grid(alpha=0.3, which="both")
     axes.legend()
     save(figure, run_dir / "loss.png")
 
+    psnr = [(r["step"], r["psnr"]) for r in records if "psnr" in r]
+    if psnr:
+        figure, axes = plt.subplots(figsize=(6, 4))
+        axes.plot(*zip(*psnr), "o-", markersize=4)
+        axes.set(xlabel="step", ylabel="dB", title="held-out reconstruction PSNR")
+        axes.grid(alpha=0.3)
+        save(figure, run_dir / "psnr.png")
     evaluations = [r for r in records if "eval_loss_by_t" in r]
+    if not evaluations:
+        return
     figure, axes = plt.subplots(figsize=(6, 4))
     colors = plt.cm.viridis_r([0.15 + 0.85 * (i + 1) / len(evaluations) for i in range(len(evaluations))])
     for record, color in zip(evaluations, colors):
@@ -58,26 +68,33 @@ def training_curves(run_dir: Path) -> None:
     save(figure, run_dir / "loss_by_t.png")
 
 
-def denoising(model, schedule, cfg, path: Path, prompts: list[str] | None = None, count: int = 8,
-              columns: int = 10) -> None:
+def denoising(model, schedule, cfg, path: Path, prompts: list[str] | None = None, latents=None,
+              count: int = 8, columns: int = 10) -> None:
     """The reverse process of `count` samples (rows) with the training grids' sampler, at
-    `columns` evenly spaced steps from x_T to the final sample; classes or `prompts` in turn."""
+    `columns` evenly spaced steps from x_T to the final sample; classes or `prompts` in turn;
+    with `latents` (a LatentSpace) each state decoded."""
     sampler = cfg.sampler
     steps = sampler.steps or schedule.T
     labels = sample_conditions(model, cfg.data, prompts, count)[0]
     generator = torch.Generator(model_device(model, schedule)).manual_seed(cfg.trainer.seed)
-    trajectory = sample(model, schedule, (count, *image_shape(cfg.data)), **sampler_options(sampler),
-                        generator=generator,
-                        return_all_steps=True, labels=labels).cpu()
+    options = sampler_options(sampler)
+    if latents is not None:
+        options["clip_x0"] = False
+    trajectory = sample(model, schedule, (count, *model_shape(cfg.data, latents)), **options,
+                        generator=generator, return_all_steps=True, labels=labels)
     # The timestep each state is the model's input at; the last state is the sample itself.
     inputs = sampler_timesteps(sampler.kind, schedule, steps)
     titles = [f"t={t}" for t in inputs] + ["sample"]
     shown = [round(k * len(inputs) / (columns - 1)) for k in range(columns)]
+    trajectory = trajectory[shown]
+    if latents is not None:
+        trajectory = torch.stack([latents.decode(states) for states in trajectory])
+    trajectory = trajectory.cpu()
     figure, axes = plt.subplots(count, columns, figsize=(columns * 0.9, count * 0.9), squeeze=False)
     for column, k in enumerate(shown):
         axes[0, column].set_title(titles[k], fontsize=8)
         for row in range(count):
-            image = ((trajectory[k, row] + 1) / 2).clamp(0, 1).permute(1, 2, 0).numpy()
+            image = ((trajectory[column, row] + 1) / 2).clamp(0, 1).permute(1, 2, 0).numpy()
             axes[row, column].imshow(image.squeeze(-1) if image.shape[-1] == 1 else image,
                                      cmap="gray", vmin=0, vmax=1, interpolation="nearest")
             axes[row, column].axis("off")

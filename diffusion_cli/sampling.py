@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from .images import to_unit
 from .models import null_condition
+from .models.text_encoder import padded
 from .runtime import eval_mode
 from .schedule import NoiseSchedule, combine
 
@@ -28,6 +29,9 @@ def denoiser(model: nn.Module, labels: torch.Tensor | None = None, guidance_scal
     if guidance_scale == 1.0:
         return lambda x, t: model(x, t, labels)
     unconditional = negative if negative is not None else null_condition(model, labels)
+    if labels.dim() == 2:  # caption tokens: a prompt and a negative prompt of different lengths
+        width = max(labels.shape[1], unconditional.shape[1])
+        labels, unconditional = padded(labels, width), padded(unconditional, width)
     both = torch.cat([labels, unconditional])
 
     def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -253,7 +257,7 @@ def sample(model: nn.Module, schedule: NoiseSchedule, shape, *, sampler: str = "
            generator: torch.Generator | None = None, device=None, return_all_steps: bool = False,
            progress: bool = False, x_T: torch.Tensor | None = None,
            labels: torch.Tensor | None = None, guidance_scale: float = 1.0,
-           negative: torch.Tensor | None = None, prediction: str | None = None) -> torch.Tensor:
+           negative: torch.Tensor | None = None, prediction: str | None = None, clamp: bool = True) -> torch.Tensor:
     """Draw images of `shape` (B, C, H, W) from the model, in [-1, 1].
 
     sampler: "ddpm" (ancestral), "ddim" (Song et al. 2021, with `eta` from 0 = deterministic
@@ -269,6 +273,7 @@ def sample(model: nn.Module, schedule: NoiseSchedule, shape, *, sampler: str = "
     0 = unconditional); negative: (B, L) tokens guidance pushes away from (default: the empty
     caption).
     prediction: what the model outputs (eps, x0 or v); default the model's own `prediction`.
+    clamp: clamp the result to [-1, 1] (images; latents are not clamped).
     The model and schedule must be on `device` (default: the model's device, else the schedule's).
     """
     if sampler not in SAMPLERS:
@@ -289,7 +294,7 @@ def sample(model: nn.Module, schedule: NoiseSchedule, shape, *, sampler: str = "
         else:
             result = {"ddim": ddim, "dpmpp_2m": dpmpp_2m}[sampler](denoise, schedule, x, steps=steps,
                                                                   eta=eta, **options)
-    return result if return_all_steps else result.clamp(-1, 1)
+    return result if return_all_steps or not clamp else result.clamp(-1, 1)
 
 
 def sampler_options(sampler_cfg) -> dict:
@@ -310,10 +315,12 @@ def image_seeds(seed: int, count: int) -> list[int]:
 
 def sample_images(model: nn.Module, schedule: NoiseSchedule, sampler_cfg, shape, *, batch_size: int,
                   seed: int, labels: torch.Tensor | None = None, guidance_scale: float = 1.0,
-                  negative: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
+                  negative: torch.Tensor | None = None, latents=None, progress: bool = False) -> torch.Tensor:
     """`shape[0]` images in [0, 1] on the CPU, drawn `batch_size` at a time with the sampler config
     (kind, steps, clip_x0, and eta for DDIM). `labels` (N,) for a class-conditional model, (N, L)
     caption tokens for a text-conditioned one; `negative` (N, L) a negative prompt's tokens.
+    With `latents` (a LatentSpace) the model draws latents of `shape`, never clipped, which are
+    decoded to images.
     Training grids, quality metrics and diffusion-sample all draw through here.
 
     All noise is drawn on the model's device, one batch at a time: image i's initial noise from
@@ -329,10 +336,13 @@ def sample_images(model: nn.Module, schedule: NoiseSchedule, sampler_cfg, shape,
     for start in tqdm(batches, desc="batches", disable=not progress or len(batches) == 1):
         x_T = torch.stack([torch.randn(tuple(shape[1:]), generator=generator.manual_seed(s), device=device)
                            for s in seeds[start:start + batch_size]])
-        chunk = sample(model, schedule, x_T.shape, **sampler_options(sampler_cfg),
+        options = sampler_options(sampler_cfg)
+        if latents is not None:  # a latent is not in [-1, 1]: clipping it would distort it
+            options["clip_x0"] = False
+        chunk = sample(model, schedule, x_T.shape, **options, clamp=latents is None,
                        generator=generator, progress=progress, x_T=x_T,
                        labels=None if labels is None else labels[start:start + batch_size],
                        guidance_scale=guidance_scale,
                        negative=None if negative is None else negative[start:start + batch_size])
-        chunks.append(to_unit(chunk).cpu())
+        chunks.append(to_unit(chunk if latents is None else latents.decode(chunk)).cpu())
     return torch.cat(chunks)

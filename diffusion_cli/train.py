@@ -21,6 +21,8 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import checkpoint, plots, runtime
+from .autoencoder import (LatentSpace, ReconstructionEvaluator, build_autoencoder, cached_latents, encode_all,
+                          first_images, latent_statistics, psnr_line)
 from .cli import console_script, run_task
 from .config import validate
 from .data import RowFile, Split, class_names, load_data
@@ -31,9 +33,9 @@ from .errors import UserError
 from .evaluate import QUALITY_SAMPLER, Evaluator, due, evaluate
 from .lr_schedule import learning_rate, rewarm_after_resume
 from .metrics import QUALITY_KEYS
-from .models import build_model, image_shape, is_conditional, text_config, text_encoder
+from .models import build_model, image_shape, is_conditional, model_shape, text_config, text_encoder
 from .models.text_encoder import tokenize
-from .objectives import training_loss
+from .objectives import autoencoder_loss, training_loss
 from .prompts import grid_prompts
 from .runtime import autocast, compiled, convolutional, resolve_device, use_channels_last, use_fast_math
 from .schedule import NoiseSchedule
@@ -48,19 +50,28 @@ class TrainStep:
     (fused AdamW's found_inf; GradScaler's under fp16) and counted in `stats`, which the loop
     reads only at log and checkpoint steps. train()'s loop and diffusion-bench both call it."""
 
-    def __init__(self, cfg: DictConfig, device: torch.device, train_data: Split):
+    def __init__(self, cfg: DictConfig, device: torch.device, train_data: Split, latents: LatentSpace | None = None,
+                 encoded: bool = False):
         tc = self.tc = cfg.trainer
+        self.cfg = cfg
         torch.manual_seed(tc.seed)  # model initialisation: the same on every rank
         self.device = device
-        self.model = use_channels_last(build_model(cfg.model, cfg.data, text_config(cfg)).to(device))
+        # task=autoencoder trains the autoencoder of latent diffusion through the same loop.
+        self.autoencoding = cfg.get("task") == "autoencoder"
+        # Latent diffusion: the denoiser learns the latents of a frozen autoencoder, `latents`,
+        # which encodes each batch, or encoded the whole set once (`encoded`: cache_latents).
+        self.latents, self.encode = latents, latents is not None and not encoded
+        self.model = use_channels_last((build_autoencoder(cfg.autoencoder, cfg.data) if self.autoencoding else
+                                        build_model(cfg.model, model_shape(cfg.data, latents), text_config(cfg))).to(device))
+        self.latent = None  # task=autoencoder: the latent scale, measured at each checkpoint
         self.batches = training_batches(train_data, cfg.data, device, tc.batch_size,
-                                        labelled=is_conditional(self.model),
-                                        channels_last=convolutional(self.model), seed=tc.seed)
+                                        labelled=not self.autoencoding and is_conditional(self.model),
+                                        channels_last=convolutional(self.model), seed=tc.seed, encoded=encoded)
         # Captioned data: batches carry caption groups, drawn into tokens by self.captions; the
         # empty caption replaces data.caption_dropout of them, as the null label does for classes.
         text = text_encoder(self.model)
         self.captions = CaptionTable(train_data.captions, partial(tokenize, text), device) if text else None
-        self.null = self.model.text.null(1) if text else None
+        self.null = self.model.text.null(1, self.captions.tokens.shape[1]) if text else None
         self.cond_drop_prob = cfg.data.caption_dropout if text else tc.cond_drop_prob
         self.schedule = NoiseSchedule.from_config(cfg.schedule).to(device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.lr,
@@ -87,6 +98,12 @@ class TrainStep:
         """The training loss of `network` on `batch` (images, labels), noised with `generator`."""
         tc = self.tc
         images, labels = batch
+        if self.autoencoding:
+            with autocast(self.device, tc.precision):
+                return autoencoder_loss(network, images, generator, self.cfg.autoencoder.loss,
+                                        self.cfg.autoencoder.kl_weight)
+        if self.encode:
+            images = self.latents.encode(images)
         if self.captions is not None:
             labels = self.captions.draw(labels, generator)
         with autocast(self.device, tc.precision):
@@ -178,7 +195,17 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     with runtime.main_process_first():  # rank 0 downloads, the others then read its files
         train_data, eval_data = load_data(cfg.data)
     cfg.data.classes = class_names(cfg.data) or None  # in the checkpoint: diffusion-sample label=NAME
-    trainer = TrainStep(cfg, device, train_data)
+    latents = None
+    if cfg.get("task") != "autoencoder" and cfg.autoencoder.ckpt is not None:
+        # The autoencoder a resumed run embeds, so that it needs no other file; else autoencoder.ckpt.
+        latents = (LatentSpace.from_state(state["autoencoder"], device) if state is not None and "autoencoder" in state
+                   else checkpoint.load_autoencoder(cfg.autoencoder.ckpt, device))
+        log.info(f"latent diffusion: {latents.source} encodes {'x'.join(map(str, image_shape(cfg.data)))} images "
+                 f"to {'x'.join(map(str, latents.shape))} latents (scale {latents.scale:.4f})")
+        eval_data = eval_data._replace(images=encode_all(latents, eval_data.images, tc.batch_size, stored=False))
+        if cfg.autoencoder.cache_latents:
+            train_data = cached_latents(latents, train_data, tc.batch_size)
+    trainer = TrainStep(cfg, device, train_data, latents, encoded=cfg.autoencoder.cache_latents and latents is not None)
     model, ema, schedule = trainer.model, trainer.ema, trainer.schedule
     sampling_model = ema.model if ema else model  # what evaluation, grids and quality look at
     start_step = 0
@@ -196,10 +223,16 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     if trainer.captions is not None:  # held-out images are evaluated with their first caption
         prompts = grid_prompts(cfg.data, eval_data)
         eval_data = eval_data._replace(labels=trainer.captions.first(eval_data.labels).cpu())
-    evaluator = Evaluator(eval_data.head(tc.num_eval_images), schedule, tc.batch_size, tc.seed, prompts)
-    log.info(f"model {cfg.model.kind}: {sum(p.numel() for p in model.parameters()):,} parameters; "
+    if trainer.autoencoding:
+        evaluator = ReconstructionEvaluator(eval_data.head(tc.num_eval_images), cfg)
+        scale_images = first_images(train_data, cfg.autoencoder.scale_images) if main_rank else None
+    else:
+        evaluator = Evaluator(eval_data.head(tc.num_eval_images), schedule, tc.batch_size, tc.seed, prompts, latents)
+    name = f"autoencoder {cfg.autoencoder.kind}" if trainer.autoencoding else f"model {cfg.model.kind}"
+    log.info(f"{name}: {sum(p.numel() for p in model.parameters()):,} parameters; "
              f"{len(trainer.batches):,} training images of shape {image_shape(cfg.data)}"
-             + (", streamed" if isinstance(train_data.images, RowFile) else ""))
+             + (", streamed" if isinstance(train_data.images, RowFile) else "")
+             + (f", learned as {'x'.join(map(str, latents.shape))} latents" if latents is not None else ""))
 
     metrics_file = open(run_dir / "metrics.jsonl", "a") if main_rank else nullcontext()
     trackers = Trackers(cfg, run_dir, start_step) if main_rank else nullcontext()
@@ -238,7 +271,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 progress.set_postfix(loss=f"{loss:.4f}")
             work_started = time.perf_counter()
             if main_rank:
-                grids = evaluate(record, step, sampling_model, schedule, evaluator, cfg, run_dir, eval_data)
+                if trainer.autoencoding:
+                    grids = evaluate_autoencoder(record, step, trainer, evaluator, scale_images, cfg,
+                                                 run_dir, checkpoint_due or stopping)
+                else:
+                    grids = evaluate(record, step, sampling_model, schedule, evaluator, cfg, run_dir, eval_data)
                 log_record(record, step, metrics_file, result, run_dir)
                 trackers.log(step, record, grids)
             if checkpoint_due or stopping:
@@ -260,7 +297,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             trackers.finish(result)
     if not main_rank:
         return result
-    plots.denoising(sampling_model, schedule, cfg, run_dir / "denoising.png", prompts)
+    if trainer.autoencoding:
+        log.info(f"wrote {run_dir}: checkpoints/last.pt, reconstructions/step_{tc.max_steps:07d}.png, "
+                 f"metrics.jsonl, loss.png, psnr.png ({psnr_line(result)}, latent scale {result['latent_scale']:.4f}, "
+                 f"{result['wall_s']:.0f} s). Latent diffusion: diffusion-train autoencoder.ckpt={run_dir} ...")
+        return result
+    plots.denoising(sampling_model, schedule, cfg, run_dir / "denoising.png", prompts, latents)
     last = f"samples/step_{tc.max_steps:07d}.png"
     log.info(f"wrote {run_dir}: checkpoints/last.pt, {last}, metrics.jsonl, loss.png, "
              f"loss_by_t.png, denoising.png (loss {result['loss']:.4f}, eval_loss "
@@ -269,6 +311,21 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     if quality_line:
         log.info(f"quality ({tc.num_quality_images} images, DDIM {QUALITY_SAMPLER.steps} steps): {quality_line}")
     return result
+
+
+def evaluate_autoencoder(record: dict, step: int, trainer: TrainStep, evaluator: ReconstructionEvaluator,
+                         scale_images: torch.Tensor, cfg: DictConfig, run_dir: Path, checkpoint_due: bool) -> dict:
+    """task=autoencoder's periodic work: the latent scale before each checkpoint (which stores it),
+    the held-out loss and PSNR, and the reconstruction grid (originals over reconstructions)."""
+    tc, model = cfg.trainer, trainer.ema.model if trainer.ema else trainer.model
+    with autocast(trainer.device, tc.precision):
+        if checkpoint_due:
+            trainer.latent = latent_statistics(model, scale_images, cfg.autoencoder.shift, tc.batch_size)
+        if due(step, tc.eval_every, tc.max_steps):
+            record.update(evaluator.measure(model, trainer.latent))
+        if due(step, tc.sample_every, tc.max_steps):
+            return {"reconstructions": evaluator.grid(model, run_dir / "reconstructions" / f"step_{step:07d}.png")}
+    return {}
 
 
 def log_record(record: dict, step: int, metrics_file, result: dict, run_dir: Path) -> None:

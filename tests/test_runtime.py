@@ -219,8 +219,9 @@ def test_the_benchmark_prints_its_tables():
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert out.startswith("device cpu") and "torch " in out and "threads" in out
-    for heading in ("## train", "## sample", "## model", "## model presets", "## data"):
+    for heading in ("## train", "## sample", "## model", "## model presets", "## data", "## latent"):
         assert heading in out
+    assert "| latent, cached | 4x16x16 |" in out and "One-time encoding" in out
     assert "| dit (patch 4" in out and "(resunet32) |" in out and "(resunet64) |" in out and "streaming / in memory" in out
     assert "| resunet |" in out and "| DDIM | diffusion-cli sample() |" in out
     assert "| DDPM | diffusers DDPMScheduler |" in out and "diffusers UNet2DModel" in out

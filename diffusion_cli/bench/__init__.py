@@ -2,11 +2,12 @@
 baseline measured in the same process, interleaved, so machine noise hits both alike. Prints
 Markdown tables: medians with (min-max) over the repetitions, and the ratios the targets are on.
 
-    diffusion-bench                  # all four tables (minutes on 2 CPU cores)
+    diffusion-bench                  # all five tables (minutes on 2 CPU cores)
     diffusion-bench train            # project training step vs a bare loop
     diffusion-bench sample           # sampler step overhead vs a floor loop (and diffusers)
     diffusion-bench model            # U-Net images/s and peak memory (and diffusers' UNet2DModel)
     diffusion-bench data             # images in memory vs streamed; streaming memory as data grows
+    diffusion-bench latent           # latent diffusion vs pixel space at 3x64x64: training, sampling
 
 diffusers is optional (`pip install diffusion-cli[bench]`); without it its rows are left out.
 """
@@ -16,20 +17,21 @@ import argparse
 from ..errors import UserError
 from ..runtime import PRECISIONS, resolve_device
 from .data import bench_data
+from .latent import SIZE as LATENT_SIZE, bench_latent
 from .models import bench_model, bench_presets
 from .samplers import SAMPLE_SHAPE, bench_sample
 from .timing import BATCH, describe
 from .train import bench_train
 
 
-TABLES = ("train", "sample", "model", "data")
+TABLES = ("train", "sample", "model", "data", "latent")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="diffusion-bench", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("tables", nargs="*", metavar="{train,sample,model,data}",
-                        help="which tables (default: all four)")
+    parser.add_argument("tables", nargs="*", metavar="{train,sample,model,data,latent}",
+                        help="which tables (default: all five)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     parser.add_argument("--repeats", type=int, default=7, help="repetitions per arm (default 7)")
     parser.add_argument("--steps", type=int, default=10, help="training steps per repetition (default 10)")
@@ -65,6 +67,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\n## data: a folder of gradient PNGs, batch {BATCH}, {steps} steps per repetition; "
               f"the MLP (width 256) so that reading weighs most\n")
         print(bench_data(device, repeats, steps, counts, args.quick))
+    if "latent" in tables:
+        print(f"\n## latent: 3x{LATENT_SIZE}x{LATENT_SIZE}, model=resunet64 on pixels and on kl_f4 latents, "
+              f"{steps} steps per repetition\n")
+        print(bench_latent(device, repeats, steps, args.quick))
 
 
 if __name__ == "__main__":

@@ -20,15 +20,16 @@ def flip_some(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 class InMemoryBatches:
     """The training set on the device as stored (uint8 pixels are 4x smaller than floats), a batch
-    drawn by random index, converted per batch."""
+    drawn by random index, converted per batch (not when the set is latents already: `encoded`)."""
 
     def __init__(self, data: Split, device, batch_size: int, hflip: bool, labelled: bool,
-                 channels_last: bool):
+                 channels_last: bool, encoded: bool = False):
         self.images = data.images.to(device)
         if channels_last:
             self.images = self.images.contiguous(memory_format=torch.channels_last)
         self.labels = data.labels.to(device) if labelled else None
         self.batch_size, self.hflip, self.device = batch_size, hflip, device
+        self.convert = (lambda images: images) if encoded else to_model_range
 
     def __len__(self) -> int:
         return len(self.images)
@@ -42,7 +43,7 @@ class InMemoryBatches:
     def next(self, generator: torch.Generator):
         """(images in [-1, 1], labels or None)."""
         index = torch.randint(0, len(self.images), (self.batch_size,), generator=generator, device=self.device)
-        images = to_model_range(self.images[index])
+        images = self.convert(self.images[index])
         if self.hflip:
             images = flip_some(images, generator)
         return images, None if self.labels is None else self.labels[index]
@@ -120,8 +121,11 @@ class StreamingBatches:
 
 
 def training_batches(data: Split, data_cfg, device, batch_size: int, labelled: bool,
-                     channels_last: bool, seed: int):
-    """The batch source for `data`'s training images: streamed when they are a RowFile."""
+                     channels_last: bool, seed: int, encoded: bool = False):
+    """The batch source for `data`'s training images: streamed when they are a RowFile; `encoded`:
+    the images are cached latents (latent diffusion), used as they are and never flipped."""
+    if encoded:
+        return InMemoryBatches(data, device, batch_size, False, labelled, channels_last, encoded=True)
     if isinstance(data.images, RowFile):
         return StreamingBatches(data, device, batch_size, data_cfg.hflip, labelled, channels_last,
                                 seed, data_cfg.num_workers)

@@ -22,6 +22,18 @@ def image_shape(data_cfg) -> tuple[int, int, int]:
     return (data_cfg.channels, data_cfg.height, data_cfg.width)
 
 
+def size_factor(model_cfg) -> int:
+    """What a model needs its input's height and width divisible by."""
+    if model_cfg.kind == "resunet":
+        return 2 ** (len(model_cfg.channel_mults) - 1)
+    return {"unet": 4, "dit": model_cfg.get("patch_size", 1)}.get(model_cfg.kind, 1)
+
+
+def model_shape(data_cfg, latents=None) -> tuple[int, int, int]:
+    """The shape the denoiser works in: the data's images, or a LatentSpace's latents."""
+    return tuple(latents.shape) if latents is not None else image_shape(data_cfg)
+
+
 def text_config(cfg):
     """The run's text_encoder config when its data has captions, else None."""
     if cfg.data.get("captions", "none") == "none":
@@ -30,8 +42,9 @@ def text_config(cfg):
 
 
 def build_model(model_cfg, data_cfg, text_cfg: dict | None = None) -> nn.Module:
-    """The model named by `model_cfg.kind`, its other keys as keyword arguments, sized for `data`;
-    conditioned on captions through the text encoder `text_cfg` where given."""
+    """The model named by `model_cfg.kind`, its other keys as keyword arguments, sized for `data`
+    (or for a (C, H, W) tuple: a latent's shape); conditioned on captions through the text encoder
+    `text_cfg` where given."""
     if model_cfg.kind not in MODELS:
         raise UserError(f"model.kind={model_cfg.kind!r} is unknown; choose one of: {', '.join(MODELS)}")
     options = {key: value for key, value in OmegaConf.to_container(model_cfg, resolve=True).items()
@@ -44,7 +57,8 @@ def build_model(model_cfg, data_cfg, text_cfg: dict | None = None) -> nn.Module:
     else:
         options.pop("cross_attention_resolutions", None)
     try:
-        model = MODELS[model_cfg.kind](image_shape(data_cfg), **options)
+        shape = tuple(data_cfg) if isinstance(data_cfg, tuple) else image_shape(data_cfg)
+        model = MODELS[model_cfg.kind](shape, **options)
     except ValueError as error:
         raise UserError(str(error)) from None
     model.prediction = model_cfg.get("prediction", "eps")  # checkpoints before it predicted eps
@@ -65,5 +79,5 @@ def is_conditional(model: nn.Module) -> bool:
 def null_condition(model: nn.Module, cond: torch.Tensor) -> torch.Tensor:
     """The unconditional input shaped like `cond`: the null label, or the empty caption."""
     if text_encoder(model) is not None:
-        return model.text.null(len(cond)).to(cond.device)
+        return model.text.null(len(cond), cond.shape[1]).to(cond.device)
     return torch.full_like(cond, model.num_classes)

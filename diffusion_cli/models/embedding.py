@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .text_encoder import build_text_encoder
+from .text_encoder import build_text_encoder, padded
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -63,9 +63,9 @@ class TextConditioning(nn.Module):
         pooled = (context * weights).sum(1) / weights.sum(1)
         return self.pooled(pooled), (context, mask)
 
-    def null(self, count: int) -> torch.Tensor:
-        """The empty caption's tokens, (count, L): the unconditional input."""
-        return self.empty.expand(count, -1)
+    def null(self, count: int, length: int) -> torch.Tensor:
+        """The empty caption's tokens, (count, length): the unconditional input."""
+        return padded(self.empty[:, :1], length).expand(count, -1)
 
 
 class CrossAttention(nn.Module):
@@ -102,6 +102,6 @@ def conditioning(model: nn.Module, t: torch.Tensor, cond: torch.Tensor | None):
     if model.text is None:
         return model.time(t, cond), None
     if cond is None:
-        cond = model.text.null(len(t))
+        cond = model.text.null(len(t), 1)
     pooled, context = model.text(cond)
     return model.time(t) + pooled, context

@@ -98,9 +98,15 @@ def build_text_encoder(text_cfg: dict) -> nn.Module:
 
 
 def tokenize(encoder: nn.Module, captions: list[str], what: str = "captions") -> torch.Tensor:
-    """The captions' tokens; one warning when some were longer than the encoder's max_length."""
+    """The captions' tokens, as wide as the longest (padding changes nothing, and costs time in
+    every layer); one warning when some were longer than the encoder's max_length."""
     tokens, truncated = encoder.tokenizer(captions)
     if truncated:
         log.warning(f"{truncated} of {len(captions)} {what} are longer than text_encoder.max_length="
                     f"{encoder.tokenizer.max_length} tokens and were cut to fit")
-    return tokens
+    return tokens[:, : int((tokens != PAD).sum(1).max())]
+
+
+def padded(tokens: torch.Tensor, length: int) -> torch.Tensor:
+    """Tokens (N, L) padded with PAD to (N, length)."""
+    return F.pad(tokens, (0, length - tokens.shape[1]), value=PAD)
