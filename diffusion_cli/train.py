@@ -60,7 +60,7 @@ class TrainStep:
         self.autoencoding = cfg.get("task") == "autoencoder"
         # Latent diffusion: the denoiser learns the latents of a frozen autoencoder, `latents`,
         # which encodes each batch, or encoded the whole set once (`encoded`: cache_latents).
-        self.latents, self.encode = latents, latents is not None and not encoded
+        self.latents, self.encode_batches = latents, latents is not None and not encoded
         self.model = use_channels_last((build_autoencoder(cfg.autoencoder, cfg.data) if self.autoencoding else
                                         build_model(cfg.model, model_shape(cfg.data, latents), text_config(cfg))).to(device))
         self.latent = None  # task=autoencoder: the latent scale, measured at each checkpoint
@@ -102,7 +102,7 @@ class TrainStep:
             with autocast(self.device, tc.precision):
                 return autoencoder_loss(network, images, generator, self.cfg.autoencoder.loss,
                                         self.cfg.autoencoder.kl_weight)
-        if self.encode:
+        if self.encode_batches:
             images = self.latents.encode(images)
         if self.captions is not None:
             labels = self.captions.draw(labels, generator)
@@ -204,6 +204,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                  f"to {'x'.join(map(str, latents.shape))} latents (scale {latents.scale:.4f})")
         eval_data = eval_data._replace(images=encode_all(latents, eval_data.images, tc.batch_size, stored=False))
         if cfg.autoencoder.cache_latents:
+            if cfg.data.hflip:
+                log.warning("data.hflip is not applied to cached latents (autoencoder.cache_latents=true): "
+                            "a flipped latent is not the latent of a flipped image")
             train_data = cached_latents(latents, train_data, tc.batch_size)
     trainer = TrainStep(cfg, device, train_data, latents, encoded=cfg.autoencoder.cache_latents and latents is not None)
     model, ema, schedule = trainer.model, trainer.ema, trainer.schedule
