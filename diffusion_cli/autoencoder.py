@@ -15,7 +15,9 @@ from .data import Split, to_model_range
 from .data.rows import RowFile, cache_dir
 from .errors import UserError
 from .images import save_grid, to_unit
+from .models import image_shape
 from .models.autoencoder import AutoencoderKL, kl_divergence, psnr, reconstruction_error
+from .models.pretrained import DiffusersAutoencoder
 from .runtime import eval_mode
 
 log = logging.getLogger(__name__)
@@ -135,16 +137,52 @@ class LatentSpace:
             return self.model.decode(latents.float() / self.scale + self.shift).float()
 
     def state(self) -> dict:
+        """The LatentSpace whole; a pretrained autoencoder's weights are left out (its config keeps
+        where they came from and their fingerprint)."""
+        weights = {} if self.config["kind"] == "diffusers" else {"model": self.model.state_dict()}
         return {"config": self.config, "image_shape": list(self.image_shape), "latent_shape": list(self.shape),
-                "latent": self.latent, "model": self.model.state_dict(), "source": self.source}
+                "latent": self.latent, "source": self.source, **weights}
 
     @classmethod
     def from_state(cls, state: dict, device="cpu") -> "LatentSpace":
+        if state["config"]["kind"] == "diffusers":
+            config = state["config"]
+            return pretrained_latent_space(config["path"], config["subfolder"], state["image_shape"], device,
+                                           expected=config["fingerprint"])
         channels, height, width = state["image_shape"]
         model = build_autoencoder(state["config"], OmegaConf.create(
             {"channels": channels, "height": height, "width": width}))
         model.load_state_dict(state["model"])
         return cls(model.to(device), state["config"], state["image_shape"], state["latent"], state["source"])
+
+
+def latent_diffusion(cfg) -> bool:
+    """Whether a run's denoiser learns latents: of a task=autoencoder run (autoencoder.ckpt) or of a
+    pretrained diffusers autoencoder (autoencoder=diffusers)."""
+    return cfg.get("task", "diffusion") == "diffusion" and (
+        cfg.autoencoder.kind == "diffusers" or cfg.autoencoder.get("ckpt") is not None)
+
+
+def frozen_autoencoder(cfg, device="cpu") -> LatentSpace:
+    """The LatentSpace of a latent_diffusion() run's `autoencoder` config."""
+    if cfg.autoencoder.kind == "diffusers":
+        return pretrained_latent_space(cfg.autoencoder.path, cfg.autoencoder.subfolder, image_shape(cfg.data), device)
+    from .checkpoint import load_autoencoder
+
+    return load_autoencoder(cfg.autoencoder.ckpt, device)
+
+
+def pretrained_latent_space(path: str, subfolder: str | None, shape, device="cpu",
+                            expected: str | None = None) -> LatentSpace:
+    """autoencoder=diffusers: the pretrained AutoencoderKL at `path` with its own scale and shift;
+    `expected`, the fingerprint of the weights a checkpoint was trained with, must match."""
+    model = DiffusersAutoencoder(path, subfolder, tuple(shape))
+    config = {"kind": "diffusers", "path": path, "subfolder": subfolder, "fingerprint": model.fingerprint}
+    if expected is not None and expected != config["fingerprint"]:
+        raise UserError(f"autoencoder.path={path} holds other weights than the autoencoder this model was "
+                        f"trained with: give the same diffusers AutoencoderKL")
+    latent = {"scale": model.scale, "shift": [model.shift] * model.latent_shape[0]}
+    return LatentSpace(model.to(device), config, model.image_shape, latent, source=path)
 
 
 def encode_all(latents: LatentSpace, images: torch.Tensor | RowFile, batch_size: int, stored: bool = True,

@@ -80,12 +80,12 @@ def unreadable(path: Path, key: str, error: Exception) -> str:
             f"{type(error).__name__}); point {key} at a checkpoint written by diffusion-train")
 
 
-def load(path: str | Path, device="cpu", use_ema: bool = True
+def load(path: str | Path, device="cpu", use_ema: bool = True, state: dict | None = None
          ) -> tuple[torch.nn.Module, NoiseSchedule, DictConfig]:
-    """(model, schedule, config) from a checkpoint file or a run dir; the model in eval mode,
-    with the EMA weights where the checkpoint has them and use_ema is true.
-    The same loader `diffusion-sample` uses; call it from a notebook as well."""
-    state = read(path, map_location=device)
+    """(model, schedule, config) from a checkpoint file or a run dir (or from its `state`, read
+    already); the model in eval mode, with the EMA weights where the checkpoint has them and
+    use_ema is true. The same loader `diffusion-sample` uses; call it from a notebook as well."""
+    state = state if state is not None else read(path, map_location=device)
     config = OmegaConf.create(state["config"])
     if config.get("task") == "autoencoder":
         raise UserError(f"ckpt={path} is an autoencoder (task=autoencoder), not a denoiser: train one on "

@@ -6,19 +6,20 @@ with `- /schema/<group>/<option>@_here_` in its defaults list.
 """
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from . import checkpoint
+from .autoencoder import frozen_autoencoder, latent_diffusion
 from .data import DATASETS, class_names
 from .data.captions import FORMATS as CAPTION_FORMATS
 from .errors import UserError
 from .metrics import quality_keys
 from .models import MODELS, TEXT_MODELS, image_shape, size_factor
-from .models.text_encoder import ENCODERS
+from .models import pretrained
+from .models.text_encoder import ENCODERS, build_text_encoder
 from .runtime import PRECISIONS, resolve_device
 from .sampling import SAMPLERS
 from .schedule import PREDICTIONS, SCHEDULE_KINDS
@@ -100,6 +101,13 @@ class TextEncoderConfig:
 
 
 @dataclass
+class ClipTextEncoderConfig:
+    kind: str = MISSING
+    path: str = MISSING
+    max_length: int = MISSING
+
+
+@dataclass
 class AutoencoderConfig:
     kind: str = MISSING
     base_channels: int = MISSING
@@ -109,7 +117,17 @@ class AutoencoderConfig:
     loss: str = MISSING
     kl_weight: float = MISSING
     shift: bool = MISSING
+    perceptual_weight: float = 0.0
     scale_images: int = MISSING
+    ckpt: Optional[str] = MISSING
+    cache_latents: bool = MISSING
+
+
+@dataclass
+class DiffusersAutoencoderConfig:
+    kind: str = MISSING
+    path: Optional[str] = MISSING
+    subfolder: Optional[str] = MISSING
     ckpt: Optional[str] = MISSING
     cache_latents: bool = MISSING
 
@@ -220,7 +238,9 @@ def register_schemas() -> None:
     store.store(group="schema/model", name="resunet", node=ResUNetConfig)
     store.store(group="schema/model", name="dit", node=DiTConfig)
     store.store(group="schema/text_encoder", name="tiny", node=TextEncoderConfig)
+    store.store(group="schema/text_encoder", name="clip", node=ClipTextEncoderConfig)
     store.store(group="schema/autoencoder", name="kl", node=AutoencoderConfig)
+    store.store(group="schema/autoencoder", name="diffusers", node=DiffusersAutoencoderConfig)
     store.store(group="schema/schedule", name="schedule", node=ScheduleConfig)
     store.store(group="schema/schedule", name="edm", node=EDMScheduleConfig)
     store.store(group="schema/trainer", name="trainer", node=TrainerConfig)
@@ -292,7 +312,7 @@ RULES = [
     ("data.caption_dropout", lambda v: 0 <= v < 1, "a probability from 0 to below 1, e.g. 0.1"),
     ("data.missing_captions", *_one_of(("empty", "skip"))),
     ("task", *_one_of(("diffusion", "autoencoder"))),
-    ("autoencoder.kind", *_one_of(("kl",))),
+    ("autoencoder.kind", *_one_of(("kl", "diffusers"))),
     ("autoencoder.base_channels", _positive, "an integer >= 1"),
     ("autoencoder.channel_mults", lambda v: len(v) >= 1 and min(v) >= 1, "a list of integers >= 1, e.g. [1,2,2]"),
     ("autoencoder.num_res_blocks", _positive, "an integer >= 1"),
@@ -300,6 +320,7 @@ RULES = [
     ("autoencoder.loss", *_one_of(("l1", "l2"))),
     ("autoencoder.kl_weight", _non_negative, "a number >= 0, e.g. 1e-6"),
     ("autoencoder.scale_images", _positive, "an integer >= 1"),
+    ("autoencoder.perceptual_weight", _non_negative, "a number >= 0 (0: no LPIPS term; Rombach et al.: 1)"),
     ("text_encoder.kind", *_one_of(tuple(ENCODERS))),
     ("text_encoder.width", _positive, "an integer >= 1"),
     ("text_encoder.depth", _non_negative, "an integer >= 0"),
@@ -376,7 +397,7 @@ def validate(cfg: DictConfig) -> None:
     if "model" in cfg:
         check_num_classes(cfg.model, cfg.data)
         check_captions(cfg)
-        check_latent_sizes(cfg)
+        check_autoencoder(cfg)
     check_available(cfg.get("logger"))
     if "sweep" in cfg:
         check_objective(cfg)
@@ -442,18 +463,33 @@ def check_captions(cfg: DictConfig) -> None:
     if cfg.model.kind not in TEXT_MODELS:
         raise UserError(f"data.captions={cfg.data.captions} needs a model that attends to text: use "
                         f"model=resunet (or resunet32, resunet64) or model=dit, not model={cfg.model.kind}")
+    try:  # built now (CLIP's weights loaded once), so that a bad one stops the run here
+        build_text_encoder(OmegaConf.to_container(cfg.text_encoder, resolve=True))
+    except ValueError as error:
+        raise UserError(str(error)) from None
 
 
-def check_latent_sizes(cfg: DictConfig) -> None:
-    """Latent diffusion (autoencoder.ckpt=): the autoencoder must be one, for images of the data's
-    channels, and both it and the denoiser must divide the image size. A resumed run uses the
-    autoencoder its checkpoint embeds: nothing to check."""
-    if cfg.get("task") != "diffusion" or cfg.autoencoder.ckpt is None or cfg.get("resume") is not None:
+def check_autoencoder(cfg: DictConfig) -> None:
+    """task=autoencoder: the perceptual term's weights, loaded up front. Latent diffusion
+    (autoencoder.ckpt= or autoencoder=diffusers): the autoencoder must be one, for images of the
+    data's channels, and both it and the denoiser must divide the image size. A resumed run uses
+    the autoencoder its checkpoint embeds: nothing to check."""
+    kind = OmegaConf.select(cfg, "autoencoder.kind")
+    if kind == "diffusers" and cfg.get("task") == "autoencoder":
+        raise UserError("autoencoder=diffusers is pretrained, not trained here: train a denoiser on its latents "
+                        "(task=diffusion, the default), or an autoencoder of your own (autoencoder=kl_f4)")
+    if cfg.get("task") == "autoencoder" and cfg.autoencoder.get("perceptual_weight", 0) > 0:
+        pretrained.lpips_vgg()  # loaded now (once), so that missing weights stop the run here
+    if kind == "diffusers" and cfg.autoencoder.path is None:
+        raise UserError("autoencoder=diffusers needs autoencoder.path: a hub name (stabilityai/sd-vae-ft-mse) "
+                        "or a local folder with a diffusers AutoencoderKL")
+    if not latent_diffusion(cfg) or cfg.get("resume") is not None:
         return
-    latents = checkpoint.load_autoencoder(cfg.autoencoder.ckpt)
+    latents = frozen_autoencoder(cfg)
+    key = "autoencoder.path" if kind == "diffusers" else "autoencoder.ckpt"
     channels, height, width = image_shape(cfg.data)
     if channels != latents.image_shape[0]:
-        raise UserError(f"autoencoder.ckpt={cfg.autoencoder.ckpt} encodes {latents.image_shape[0]}-channel "
+        raise UserError(f"{key}={latents.source} encodes {latents.image_shape[0]}-channel "
                         f"images, data={cfg.data.kind} has {channels}: train an autoencoder on this data "
                         f"(diffusion-train task=autoencoder data=...)")
     f, m = latents.model.factor, size_factor(cfg.model)

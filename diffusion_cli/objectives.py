@@ -5,7 +5,7 @@ optionally min-SNR weighted. The autoencoder's: reconstruction plus a small KL t
 
 import torch
 
-from .models.autoencoder import kl_divergence, reconstruction_error
+from .models.autoencoder import kl_divergence, perceptual_distance, reconstruction_error
 from .schedule import NoiseSchedule
 
 MIN_SNR_GAMMA = 5.0
@@ -45,11 +45,15 @@ def training_loss(model, schedule: NoiseSchedule, x0: torch.Tensor, generator: t
 
 
 def autoencoder_loss(model, images: torch.Tensor, generator: torch.Generator, reconstruction: str = "l1",
-                     kl_weight: float = 1e-6) -> torch.Tensor:
+                     kl_weight: float = 1e-6, lpips: torch.nn.Module | None = None,
+                     perceptual_weight: float = 0.0) -> torch.Tensor:
     """The KL autoencoder's loss on a batch (Rombach et al. 2022, without the GAN): the L1 or L2
-    reconstruction error of a latent drawn from the posterior plus kl_weight x its KL divergence
-    from N(0, I), both summed per image as in the paper, then divided by the pixels per image so
+    reconstruction error of a latent drawn from the posterior, with `lpips` perceptual_weight x
+    the LPIPS distance added at every pixel as theirs does, plus kl_weight x the KL divergence
+    from N(0, I); all summed per image as in the paper, then divided by the pixels per image so
     that the learning rate does not depend on the image size."""
     decoded, mean, log_variance = model(images, generator)
     per_image = reconstruction_error(images, decoded, reconstruction) + kl_weight * kl_divergence(mean, log_variance)
+    if lpips is not None:
+        per_image = per_image + perceptual_weight * images[0].numel() * perceptual_distance(lpips, images, decoded)
     return per_image.mean() / images[0].numel()

@@ -30,8 +30,9 @@ def sample_from_checkpoint(cfg: DictConfig, run_dir: Path) -> dict:
     eval=true also quality.json; returns the quality metrics (eval=true, or gradients data) and
     the sampling time, which a `diffusion-sample -m` sweep collects into summary.csv."""
     device = resolve_device(cfg.device)
-    model, schedule, train_cfg = checkpoint.load(cfg.ckpt, device, use_ema=cfg.use_ema)
-    latents = checkpoint.latent_space(checkpoint.read(cfg.ckpt, map_location=device), device)
+    state = checkpoint.read(cfg.ckpt, map_location=device)
+    model, schedule, train_cfg = checkpoint.load(cfg.ckpt, device, use_ema=cfg.use_ema, state=state)
+    latents = checkpoint.latent_space(state, device)
     check_sampler_steps(cfg.sampler, schedule.T)
     if cfg.eval and not quality_metric(train_cfg.data):
         raise UserError(f"eval=true: data={train_cfg.data.kind} has no quality metric in this project; "
@@ -107,7 +108,7 @@ def requested_conditions(cfg: DictConfig, model, data_cfg: DictConfig):
                         f"captions: use prompt=\"...\" (or prompts_file=)")
     if prompts is None:
         if cfg.guidance_scale != 1.0 or cfg.negative_prompt is not None:
-            raise UserError(f"guidance_scale and negative_prompt need a prompt: add prompt=\"...\"")
+            raise UserError("guidance_scale and negative_prompt need a prompt: add prompt=\"...\"")
         return None, None, cfg.nrow, None, None, None
     tokens, classes, per_prompt, titles = sample_conditions(model, data_cfg, prompts, cfg.num_samples, grid=True)
     if len(prompts) == 1:  # one prompt: a square grid, like unconditional samples

@@ -22,7 +22,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import checkpoint, plots, runtime
 from .autoencoder import (LatentSpace, ReconstructionEvaluator, build_autoencoder, cached_latents, encode_all,
-                          first_images, latent_statistics, psnr_line)
+                          first_images, frozen_autoencoder, latent_diffusion, latent_statistics, psnr_line)
 from .cli import console_script, run_task
 from .config import validate
 from .data import RowFile, Split, class_names, load_data
@@ -33,7 +33,7 @@ from .errors import UserError
 from .evaluate import QUALITY_SAMPLER, Evaluator, due, evaluate
 from .lr_schedule import learning_rate, rewarm_after_resume
 from .metrics import QUALITY_KEYS
-from .models import build_model, image_shape, is_conditional, model_shape, text_config, text_encoder
+from .models import build_model, image_shape, is_conditional, model_shape, pretrained, text_config, text_encoder
 from .models.text_encoder import tokenize
 from .objectives import autoencoder_loss, training_loss
 from .prompts import grid_prompts
@@ -64,6 +64,8 @@ class TrainStep:
         self.model = use_channels_last((build_autoencoder(cfg.autoencoder, cfg.data) if self.autoencoding else
                                         build_model(cfg.model, model_shape(cfg.data, latents), text_config(cfg))).to(device))
         self.latent = None  # task=autoencoder: the latent scale, measured at each checkpoint
+        weight = cfg.autoencoder.get("perceptual_weight", 0) if self.autoencoding else 0
+        self.lpips = pretrained.lpips_vgg().to(device) if weight > 0 else None  # its optional perceptual term
         self.batches = training_batches(train_data, cfg.data, device, tc.batch_size,
                                         labelled=not self.autoencoding and is_conditional(self.model),
                                         channels_last=convolutional(self.model), seed=tc.seed, encoded=encoded)
@@ -99,9 +101,10 @@ class TrainStep:
         tc = self.tc
         images, labels = batch
         if self.autoencoding:
+            ae = self.cfg.autoencoder
             with autocast(self.device, tc.precision):
-                return autoencoder_loss(network, images, generator, self.cfg.autoencoder.loss,
-                                        self.cfg.autoencoder.kl_weight)
+                return autoencoder_loss(network, images, generator, ae.loss, ae.kl_weight, self.lpips,
+                                        ae.get("perceptual_weight", 0))
         if self.encode_batches:
             images = self.latents.encode(images)
         if self.captions is not None:
@@ -196,13 +199,13 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         train_data, eval_data = load_data(cfg.data)
     cfg.data.classes = class_names(cfg.data) or None  # in the checkpoint: diffusion-sample label=NAME
     latents = None
-    if cfg.get("task") != "autoencoder" and cfg.autoencoder.ckpt is not None:
-        # The autoencoder a resumed run embeds, so that it needs no other file; else autoencoder.ckpt.
-        latents = (LatentSpace.from_state(state["autoencoder"], device) if state is not None and "autoencoder" in state
-                   else checkpoint.load_autoencoder(cfg.autoencoder.ckpt, device))
-        log.info(f"latent diffusion: {latents.source} encodes {'x'.join(map(str, image_shape(cfg.data)))} images "
-                 f"to {'x'.join(map(str, latents.shape))} latents (scale {latents.scale:.4f})")
+    if latent_diffusion(cfg):
+        # The autoencoder a resumed run embeds, so that it needs no other file; else the config's.
+        latents = (state is not None and checkpoint.latent_space(state, device)) or frozen_autoencoder(cfg, device)
         eval_data = eval_data._replace(images=encode_all(latents, eval_data.images, tc.batch_size, stored=False))
+        log.info(f"latent diffusion: {latents.source} encodes {'x'.join(map(str, image_shape(cfg.data)))} images "
+                 f"to {'x'.join(map(str, latents.shape))} latents (scale {latents.scale:.4f}; the scaled "
+                 f"latents' std on {len(eval_data.images)} held-out images: {eval_data.images.std():.3f})")
         if cfg.autoencoder.cache_latents:
             if cfg.data.hflip:
                 log.warning("data.hflip is not applied to cached latents (autoencoder.cache_latents=true): "

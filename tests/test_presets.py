@@ -20,7 +20,7 @@ def pngs(tmp_path_factory):
 
 
 def test_the_presets_are_there():
-    assert {"mnist_10min", "mnist_cond", "folder_32", "folder_64", "cifar10"} <= set(EXPERIMENTS)
+    assert {"mnist_10min", "mnist_cond", "mnist_prompts", "folder_32", "folder_64", "cifar10"} <= set(EXPERIMENTS)
 
 
 @pytest.mark.parametrize("experiment", [pytest.param(name, marks=[] if name == FAST else pytest.mark.slow)

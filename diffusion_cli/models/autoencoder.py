@@ -91,3 +91,12 @@ def reconstruction_error(images: torch.Tensor, reconstructions: torch.Tensor, ki
     difference = reconstructions - images
     return (difference.abs() if kind == "l1" else difference.pow(2)).flatten(1).sum(1)
 
+
+
+def perceptual_distance(lpips: nn.Module, images: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
+    """Per-sample LPIPS distance of images in [-1, 1]; grey images are seen as RGB."""
+    if images.shape[1] not in (1, 3):
+        raise ValueError(f"autoencoder.perceptual_weight: LPIPS compares grey or RGB images, not "
+                         f"{images.shape[1]}-channel ones; set autoencoder.perceptual_weight=0")
+    repeat = 3 // images.shape[1]
+    return lpips(images.repeat(1, repeat, 1, 1), reconstructions.repeat(1, repeat, 1, 1)).flatten()

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .text_encoder import build_text_encoder, padded
+from .text_encoder import PAD, build_text_encoder, padded
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -54,8 +54,8 @@ class TextConditioning(nn.Module):
         self.encoder = build_text_encoder(text_cfg)
         self.width = self.encoder.width
         self.pooled = nn.Linear(self.width, emb_dim)
-        empty, _ = self.encoder.tokenizer([""])
-        self.register_buffer("empty", empty, persistent=False)
+        empty, _ = self.encoder.tokenizer([""])  # the start token (tiny), start and end (clip)
+        self.register_buffer("empty", empty[:, : int((empty != PAD).sum())], persistent=False)
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         context, mask = self.encoder(tokens)
@@ -63,9 +63,9 @@ class TextConditioning(nn.Module):
         pooled = (context * weights).sum(1) / weights.sum(1)
         return self.pooled(pooled), (context, mask)
 
-    def null(self, count: int, length: int) -> torch.Tensor:
+    def null(self, count: int, length: int | None = None) -> torch.Tensor:
         """The empty caption's tokens, (count, length): the unconditional input."""
-        return padded(self.empty[:, :1], length).expand(count, -1)
+        return padded(self.empty, length or self.empty.shape[1]).expand(count, -1)
 
 
 class CrossAttention(nn.Module):
@@ -102,6 +102,6 @@ def conditioning(model: nn.Module, t: torch.Tensor, cond: torch.Tensor | None):
     if model.text is None:
         return model.time(t, cond), None
     if cond is None:
-        cond = model.text.null(len(t), 1)
+        cond = model.text.null(len(t))
     pooled, context = model.text(cond)
     return model.time(t) + pooled, context

@@ -8,6 +8,8 @@ trains and classifier-free guidance uses.
 
 - tiny: UTF-8 bytes (no vocabulary file to download) and a small transformer trained with the
   denoiser.
+- clip: transformers' CLIP tokenizer and text model (text_encoder.path), frozen: its weights stay
+  out of the denoiser's parameters, EMA and checkpoints, which keep a fingerprint of them instead.
 """
 
 import logging
@@ -15,6 +17,9 @@ import logging
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from ..errors import UserError
+from . import pretrained
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +40,20 @@ class ByteTokenizer:
 
     def __call__(self, captions: list[str]) -> tuple[torch.Tensor, int]:
         """(tokens (N, max_length), how many captions were cut to fit)."""
-        tokens = torch.full((len(captions), self.max_length), PAD, dtype=torch.long)
-        truncated = 0
-        for row, caption in enumerate(captions):
-            ids = [self.start, *caption.encode("utf-8")]
-            truncated += len(ids) > self.max_length
-            ids = ids[: self.max_length]
-            tokens[row, : len(ids)] = torch.tensor(ids)
-        return tokens, truncated
+        return rows([[self.start, *caption.encode("utf-8")] for caption in captions], self.max_length)
+
+
+def rows(ids: list[list[int]], max_length: int, keep_last: bool = False) -> tuple[torch.Tensor, int]:
+    """Token id lists as one (N, max_length) tensor padded with PAD, each cut to max_length (the
+    last token kept where `keep_last`: CLIP's end token), and how many were cut."""
+    tokens = torch.full((len(ids), max_length), PAD, dtype=torch.long)
+    truncated = 0
+    for row, caption in enumerate(ids):
+        if len(caption) > max_length:
+            truncated += 1
+            caption = caption[: max_length - 1] + caption[-1:] if keep_last else caption[:max_length]
+        tokens[row, : len(caption)] = torch.tensor(caption, dtype=torch.long)
+    return tokens, truncated
 
 
 class TransformerBlock(nn.Module):
@@ -89,7 +100,45 @@ class TinyTextEncoder(nn.Module):
         return self.norm(x), mask
 
 
-ENCODERS = {"tiny": TinyTextEncoder}
+class ClipTokenizer:
+    """CLIP's tokenizer in the ByteTokenizer's form: start and end tokens around the caption's
+    BPE tokens, padded with PAD, the end token kept when a caption is cut."""
+
+    def __init__(self, tokenizer, max_length: int):
+        self.tokenizer, self.max_length = tokenizer, max_length
+
+    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, int]:
+        return rows(self.tokenizer(captions)["input_ids"], self.max_length, keep_last=True)
+
+
+class ClipTextEncoder(nn.Module):
+    """A pretrained CLIP text model, frozen: tokens -> (its last hidden states, mask). The
+    embeddings of each distinct caption are computed once (pretrained.FrozenClip). The only state
+    is the weights' fingerprint: loading a checkpoint made with other CLIP weights is refused."""
+
+    def __init__(self, path: str, max_length: int = 77):
+        super().__init__()
+        self.path, self.frozen = path, pretrained.clip(path)
+        if not 2 <= max_length <= self.frozen.max_positions:
+            raise ValueError(f"text_encoder.max_length={max_length} is not allowed: CLIP at {path} takes "
+                             f"2 to {self.frozen.max_positions} tokens")
+        self.tokenizer = ClipTokenizer(self.frozen.tokenizer, max_length)
+        self.width = self.frozen.width
+        self.register_buffer("fingerprint", torch.tensor(int(self.frozen.fingerprint[:15], 16)))
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = tokens != PAD
+        return self.frozen.embed(tokens, mask), mask
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        saved = state_dict.get(prefix + "fingerprint")
+        if saved is not None and int(saved) != int(self.fingerprint):
+            raise UserError(f"text_encoder.path={self.path} holds other CLIP weights than the ones this "
+                            f"model was trained with: give the same CLIP model")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+ENCODERS = {"tiny": TinyTextEncoder, "clip": ClipTextEncoder}
 
 
 def build_text_encoder(text_cfg: dict) -> nn.Module:
