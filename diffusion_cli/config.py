@@ -17,8 +17,7 @@ from .data import DATASETS, class_names
 from .data.captions import FORMATS as CAPTION_FORMATS
 from .errors import UserError
 from .metrics import quality_keys
-from .models import MODELS, TEXT_MODELS, image_shape, size_factor
-from .models import pretrained
+from .models import MODELS, TEXT_MODELS, image_shape, pretrained, size_factor
 from .models.text_encoder import ENCODERS, build_text_encoder
 from .runtime import PRECISIONS, resolve_device
 from .sampling import SAMPLERS
