@@ -17,7 +17,7 @@ from .errors import UserError
 from .images import save_grid, to_unit
 from .models import image_shape
 from .models.autoencoder import AutoencoderKL, kl_divergence, psnr, reconstruction_error
-from .models.pretrained import DiffusersAutoencoder
+from .models.pretrained import DiffusersAutoencoder, fingerprint
 from .runtime import eval_mode
 
 log = logging.getLogger(__name__)
@@ -104,13 +104,12 @@ def psnr_line(result: dict) -> str:
     return f"held-out PSNR {result['psnr']:.2f} dB{scaled}"
 
 
-
 class LatentSpace:
-    """A trained autoencoder, frozen, with its latent scale and shift: encode() takes images in
-    [-1, 1] to the denoiser's latents, (posterior mean - shift) x scale; decode() takes them back.
-    Decoding runs in fp32 or bf16, never fp16 (where the decoder's activations overflow to NaN).
-    state() is what a denoiser's checkpoint embeds, so that it samples without the autoencoder's
-    run dir."""
+    """An autoencoder (trained here, or pretrained), frozen, with its latent scale and shift:
+    encode() takes images in [-1, 1] to the denoiser's latents, (posterior mean - shift) x scale;
+    decode() takes them back. Decoding runs in fp32 or bf16, never fp16 (where the decoder's
+    activations overflow to NaN). state() is what a denoiser's checkpoint embeds, so that it
+    samples without the autoencoder's run dir."""
 
     def __init__(self, model: AutoencoderKL, config: dict, image_shape: tuple, latent: dict, source: str):
         self.model = model.eval().requires_grad_(False)
@@ -207,9 +206,7 @@ def cached_latents(latents: LatentSpace, split: Split, batch_size: int) -> Split
     """autoencoder.cache_latents: the training split with its images encoded once, kept in the
     cache ($DIFFUSION_CLI_CACHE/latents, beside the images) under a key of the autoencoder's
     weights and scale and the images, so that later runs on them skip the encoder."""
-    digest = hashlib.sha256(json.dumps(latents.latent, sort_keys=True).encode())
-    for name, tensor in latents.model.state_dict().items():
-        digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+    digest = hashlib.sha256((json.dumps(latents.latent, sort_keys=True) + fingerprint(latents.model)).encode())
     images = split.images
     if isinstance(images, RowFile):
         digest.update(str(images.path).encode() + images.rows.numpy().tobytes())

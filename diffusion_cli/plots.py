@@ -77,10 +77,8 @@ def denoising(model, schedule, cfg, path: Path, prompts: list[str] | None = None
     steps = sampler.steps or schedule.T
     labels = sample_conditions(model, cfg.data, prompts, count)[0]
     generator = torch.Generator(model_device(model, schedule)).manual_seed(cfg.trainer.seed)
-    options = sampler_options(sampler)
-    if latents is not None:
-        options["clip_x0"] = False
-    trajectory = sample(model, schedule, (count, *model_shape(cfg.data, latents)), **options,
+    trajectory = sample(model, schedule, (count, *model_shape(cfg.data, latents)),
+                        **sampler_options(sampler, latent=latents is not None),
                         generator=generator, return_all_steps=True, labels=labels)
     # The timestep each state is the model's input at; the last state is the sample itself.
     inputs = sampler_timesteps(sampler.kind, schedule, steps)

@@ -297,9 +297,10 @@ def sample(model: nn.Module, schedule: NoiseSchedule, shape, *, sampler: str = "
     return result if return_all_steps or not clamp else result.clamp(-1, 1)
 
 
-def sampler_options(sampler_cfg) -> dict:
-    """The keyword arguments of `sample` that a `sampler` config group sets."""
-    return dict(sampler=sampler_cfg.kind, steps=sampler_cfg.steps, clip_x0=sampler_cfg.clip_x0,
+def sampler_options(sampler_cfg, latent: bool = False) -> dict:
+    """The keyword arguments of `sample` that a `sampler` config group sets; for `latent`
+    diffusion no x0 clipping (a latent is not in [-1, 1]: clipping it would distort it)."""
+    return dict(sampler=sampler_cfg.kind, steps=sampler_cfg.steps, clip_x0=sampler_cfg.clip_x0 and not latent,
                 eta=sampler_cfg.get("eta", 0.0))
 
 
@@ -333,12 +334,10 @@ def sample_images(model: nn.Module, schedule: NoiseSchedule, sampler_cfg, shape,
     generator = torch.Generator(device)
     total, chunks = shape[0], []
     batches = range(0, total, batch_size)
+    options = sampler_options(sampler_cfg, latent=latents is not None)
     for start in tqdm(batches, desc="batches", disable=not progress or len(batches) == 1):
         x_T = torch.stack([torch.randn(tuple(shape[1:]), generator=generator.manual_seed(s), device=device)
                            for s in seeds[start:start + batch_size]])
-        options = sampler_options(sampler_cfg)
-        if latents is not None:  # a latent is not in [-1, 1]: clipping it would distort it
-            options["clip_x0"] = False
         chunk = sample(model, schedule, x_T.shape, **options, clamp=latents is None,
                        generator=generator, progress=progress, x_T=x_T,
                        labels=None if labels is None else labels[start:start + batch_size],

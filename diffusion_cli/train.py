@@ -64,8 +64,8 @@ class TrainStep:
         self.model = use_channels_last((build_autoencoder(cfg.autoencoder, cfg.data) if self.autoencoding else
                                         build_model(cfg.model, model_shape(cfg.data, latents), text_config(cfg))).to(device))
         self.latent = None  # task=autoencoder: the latent scale, measured at each checkpoint
-        weight = cfg.autoencoder.get("perceptual_weight", 0) if self.autoencoding else 0
-        self.lpips = pretrained.lpips_vgg().to(device) if weight > 0 else None  # its optional perceptual term
+        self.perceptual_weight = cfg.autoencoder.get("perceptual_weight", 0) if self.autoencoding else 0
+        self.lpips = pretrained.lpips_vgg().to(device) if self.perceptual_weight > 0 else None
         self.batches = training_batches(train_data, cfg.data, device, tc.batch_size,
                                         labelled=not self.autoencoding and is_conditional(self.model),
                                         channels_last=convolutional(self.model), seed=tc.seed, encoded=encoded)
@@ -104,7 +104,7 @@ class TrainStep:
             ae = self.cfg.autoencoder
             with autocast(self.device, tc.precision):
                 return autoencoder_loss(network, images, generator, ae.loss, ae.kl_weight, self.lpips,
-                                        ae.get("perceptual_weight", 0))
+                                        self.perceptual_weight)
         if self.encode_batches:
             images = self.latents.encode(images)
         if self.captions is not None:

@@ -1,7 +1,8 @@
 """The KL autoencoder of latent diffusion (Rombach et al. 2022), small: a convolutional residual
 encoder to a diagonal Gaussian over a latent of z_channels x H/f x W/f (f = 2^(levels - 1)), and
 a decoder back to pixels. Trained by `diffusion-train task=autoencoder` (objectives.py:
-autoencoder_loss); a denoiser then learns the scaled latents of the frozen model (latents.py)."""
+autoencoder_loss); a denoiser then learns the scaled latents of the frozen model
+(autoencoder.py: LatentSpace)."""
 
 import torch
 from torch import nn
@@ -90,7 +91,6 @@ def reconstruction_error(images: torch.Tensor, reconstructions: torch.Tensor, ki
     """Per-sample L1 or L2 reconstruction error, summed over the pixels."""
     difference = reconstructions - images
     return (difference.abs() if kind == "l1" else difference.pow(2)).flatten(1).sum(1)
-
 
 
 def perceptual_distance(lpips: nn.Module, images: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
