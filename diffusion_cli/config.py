@@ -20,7 +20,8 @@ from .metrics import quality_keys
 from .models import MODELS, TEXT_MODELS, image_shape, pretrained, size_factor
 from .models.text_encoder import ENCODERS, build_text_encoder
 from .runtime import PRECISIONS, resolve_device
-from .sampling import SAMPLERS
+from .samplers import SAMPLERS
+from .schema import rules_of, schema_of
 from .schedule import PREDICTIONS, SCHEDULE_KINDS
 from .tracking import check_available
 
@@ -177,19 +178,6 @@ class TrainerConfig:
 
 
 @dataclass
-class SamplerConfig:
-    kind: str = MISSING
-    steps: Optional[int] = None
-    clip_x0: bool = MISSING
-
-
-@dataclass
-class EtaSamplerConfig(SamplerConfig):
-    """ddim and dpmpp_2m: eta scales the noise each step adds (0 = deterministic)."""
-    eta: float = MISSING
-
-
-@dataclass
 class WandbConfig:
     project: str = MISSING
     entity: Optional[str] = MISSING
@@ -243,10 +231,8 @@ def register_schemas() -> None:
     store.store(group="schema/schedule", name="schedule", node=ScheduleConfig)
     store.store(group="schema/schedule", name="edm", node=EDMScheduleConfig)
     store.store(group="schema/trainer", name="trainer", node=TrainerConfig)
-    store.store(group="schema/sampler", name="ddpm", node=SamplerConfig)
-    store.store(group="schema/sampler", name="ddim", node=EtaSamplerConfig)
-    store.store(group="schema/sampler", name="dpmpp_2m", node=EtaSamplerConfig)
-    store.store(group="schema/sampler", name="heun", node=SamplerConfig)
+    for kind, sampler in SAMPLERS.items():
+        store.store(group="schema/sampler", name=kind, node=schema_of(sampler))
     store.store(group="schema/logger", name="wandb", node=WandbConfig)
     store.store(group="schema/logger", name="mlflow", node=MLflowConfig)
     store.store(group="schema", name="sample", node=SampleConfig)
@@ -270,6 +256,15 @@ def resume_output_subdir(resume: str | None, run_dir: str) -> str | None:
     return ".hydra"
 
 
+def group_options(group: str) -> str:
+    """The options of a config group, as --help lists them: ddpm|ddim|..."""
+    from importlib.resources import files
+
+    return "|".join(sorted(path.name[:-5] for path in files("diffusion_cli.conf").joinpath(group).iterdir()
+                           if path.name.endswith(".yaml")))
+
+
+OmegaConf.register_new_resolver("group_options", group_options, replace=True)
 OmegaConf.register_new_resolver("resume_run_dir", resume_run_dir, replace=True)
 OmegaConf.register_new_resolver("resume_output_subdir", resume_output_subdir, replace=True)
 
@@ -364,8 +359,7 @@ RULES = [
     ("precision", *_one_of(tuple(PRECISIONS))),
     ("sweep.direction", *_one_of(("minimize", "maximize"))),
     ("logger.wandb.mode", lambda v: v in (None, "online", "offline", "disabled"), "online, offline, disabled or null"),
-    ("sampler.steps", lambda v: v is None or v >= 1, "null (all T) or an integer >= 1"),
-    ("sampler.eta", lambda v: 0 <= v <= 1, "a number from 0 (deterministic) to 1"),
+    *rules_of("sampler", SAMPLERS.values()),
     ("num_samples", _positive, "an integer >= 1"),
     ("batch_size", _positive, "an integer >= 1"),
     ("nrow", _non_negative, "an integer >= 0 (0: a square grid)"),

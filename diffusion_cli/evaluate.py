@@ -10,7 +10,7 @@ from .metrics import quality_metric, sample_quality
 from .models import is_conditional, model_shape
 from .prompts import sample_conditions
 from .runtime import autocast, eval_mode
-from .sampling import sample_images
+from .samplers import sample_images
 from .schedule import NoiseSchedule
 
 # The eval loss is also reported per bucket of timesteps: where the model is weak.

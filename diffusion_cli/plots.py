@@ -15,7 +15,7 @@ import torch  # noqa: E402
 from .atomic import atomic_write  # noqa: E402
 from .models import model_shape  # noqa: E402
 from .prompts import sample_conditions  # noqa: E402
-from .sampling import model_device, sample, sampler_options, sampler_timesteps  # noqa: E402
+from .samplers import model_device, sample, sampler_from_config  # noqa: E402
 
 
 def save(figure, path: Path) -> None:
@@ -73,15 +73,13 @@ def denoising(model, schedule, cfg, path: Path, prompts: list[str] | None = None
     """The reverse process of `count` samples (rows) with the training grids' sampler, at
     `columns` evenly spaced steps from x_T to the final sample; classes or `prompts` in turn;
     with `latents` (a LatentSpace) each state decoded."""
-    sampler = cfg.sampler
-    steps = sampler.steps or schedule.T
+    sampler = sampler_from_config(cfg.sampler, **({"clip_x0": False} if latents is not None else {}))
     labels = sample_conditions(model, cfg.data, prompts, count)[0]
     generator = torch.Generator(model_device(model, schedule)).manual_seed(cfg.trainer.seed)
     trajectory = sample(model, schedule, (count, *model_shape(cfg.data, latents)),
-                        **sampler_options(sampler, latent=latents is not None),
-                        generator=generator, return_all_steps=True, labels=labels)
+                        sampler=sampler, generator=generator, return_all_steps=True, labels=labels)
     # The timestep each state is the model's input at; the last state is the sample itself.
-    inputs = sampler_timesteps(sampler.kind, schedule, steps)
+    inputs = sampler.timesteps(schedule, sampler.steps or schedule.T)
     titles = [f"t={t}" for t in inputs] + ["sample"]
     shown = [round(k * len(inputs) / (columns - 1)) for k in range(columns)]
     trajectory = trajectory[shown]

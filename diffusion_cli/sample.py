@@ -20,7 +20,7 @@ from .models import model_shape, text_encoder
 from .models.text_encoder import tokenize
 from .prompts import read_prompts, sample_conditions
 from .runtime import autocast, compiled, resolve_device
-from .sampling import class_rows, image_seeds, sample, sample_images
+from .samplers import class_rows, image_seeds, sample, sample_images
 
 log = logging.getLogger(__name__)
 

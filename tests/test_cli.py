@@ -9,6 +9,7 @@ import torch
 
 from conftest import TINY_TRAIN, run_cli, run_in_process, snapshot
 from diffusion_cli import checkpoint
+from diffusion_cli.samplers import SAMPLERS
 
 
 def test_train_writes_a_complete_run_dir(trained_run):
@@ -265,7 +266,7 @@ def test_edm_schedule_trains_and_every_sampler_draws_from_it(tmp_path):
                             "sampler=heun", "sampler.steps=4", f"hydra.run.dir={run}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert checkpoint.load(run)[2].schedule.kind == "edm"
-    for sampler in ("ddpm", "ddim", "dpmpp_2m", "heun"):
+    for sampler in SAMPLERS:
         result = run_in_process("diffusion-sample", f"ckpt={run}", "num_samples=3", f"sampler={sampler}",
                                 "sampler.steps=4", f"hydra.run.dir={tmp_path / sampler}", cwd=tmp_path)
         assert result.returncode == 0, result.stderr

@@ -6,7 +6,10 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
 from diffusion_cli.ema import EMA
-from diffusion_cli.sampling import ddim_step, ddpm_step, denoiser
+from diffusion_cli.guidance import guided
+from diffusion_cli.samplers.base import Denoised
+from diffusion_cli.samplers.ddim import ddim_step
+from diffusion_cli.samplers.ddpm import ddpm_step
 from diffusion_cli.schedule import PREDICTIONS, NoiseSchedule
 from diffusion_cli.objectives import MIN_SNR_GAMMA, loss_weight, training_loss
 
@@ -104,7 +107,7 @@ def test_guidance_is_unconditional_plus_w_times_the_difference():
 
     x, t, labels = torch.zeros(3, 1, 2, 2), torch.zeros(3, dtype=torch.long), torch.tensor([0, 3, 7])
     for w in (0.0, 1.0, 3.0):
-        out = denoiser(ByLabel(), labels, w)(x, t)
+        out = guided(ByLabel(), labels, w)(x, t)
         expected = 10 + w * (labels.float() - 10)
         torch.testing.assert_close(out[:, 0, 0, 0], expected)
 
@@ -121,7 +124,8 @@ def test_ddpm_step_matches_diffusers_for_x0_and_v(prediction, diffusers_name):
         noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(i))
         # diffusers forms the posterior coefficients in float32 (1 - alpha_bar loses digits at
         # small t); ours come from float64: they differ by ~1e-4 at t = 10.
-        torch.testing.assert_close(ddpm_step(SCHEDULE, output, i, x, noise, True, prediction),
+        x0 = Denoised(lambda: output, SCHEDULE, i, x, prediction, clip_x0=True).x0
+        torch.testing.assert_close(ddpm_step(SCHEDULE, x0, i, x, noise),
                                    expected, atol=2e-4, rtol=1e-4)
 
 
@@ -137,5 +141,6 @@ def test_ddim_step_matches_diffusers_for_x0_and_v(prediction, diffusers_name):
         t, t_prev = timesteps[k], timesteps[k + 1] if k + 1 < 50 else -1
         expected = reference.step(output, t, x, eta=0.0, use_clipped_model_output=True,
                                   return_dict=False)[0]
-        torch.testing.assert_close(ddim_step(SCHEDULE, output, t, t_prev, x, 0.0, None, True, prediction),
+        denoised = Denoised(lambda: output, SCHEDULE, t, x, prediction, clip_x0=True)
+        torch.testing.assert_close(ddim_step(SCHEDULE, denoised.x0, denoised.eps, t, t_prev, x, 0.0, None),
                                    expected, atol=1e-5, rtol=1e-5)

@@ -17,7 +17,7 @@ from diffusion_cli.models import build_model, null_condition
 from diffusion_cli.models.text_encoder import PAD, ByteTokenizer
 from diffusion_cli.objectives import training_loss
 from diffusion_cli.prompts import prompt_classes
-from diffusion_cli.sampling import denoiser
+from diffusion_cli.guidance import guided
 from diffusion_cli.schedule import NoiseSchedule
 
 TEXT = {"kind": "tiny", "width": 16, "depth": 1, "heads": 2, "max_length": 24}
@@ -79,11 +79,11 @@ def test_guidance_on_prompts_mixes_the_conditional_and_the_empty_or_negative_pro
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([5, 5])
     with torch.no_grad():
         conditional, empty, one = model(x, t, tokens), model(x, t, null_condition(model, tokens)), model(x, t, negative)
-        assert torch.equal(denoiser(model, tokens, 1.0)(x, t), conditional)
-        assert torch.allclose(denoiser(model, tokens, 0.0)(x, t), empty, atol=1e-5)
+        assert torch.equal(guided(model, tokens, 1.0)(x, t), conditional)
+        assert torch.allclose(guided(model, tokens, 0.0)(x, t), empty, atol=1e-5)
         assert torch.allclose(model(x, t), empty, atol=1e-6)  # no condition: the empty caption
-        assert torch.allclose(denoiser(model, tokens, 3.0)(x, t), empty + 3 * (conditional - empty), atol=1e-4)
-        assert torch.allclose(denoiser(model, tokens, 3.0, negative)(x, t), one + 3 * (conditional - one), atol=1e-4)
+        assert torch.allclose(guided(model, tokens, 3.0)(x, t), empty + 3 * (conditional - empty), atol=1e-4)
+        assert torch.allclose(guided(model, tokens, 3.0, negative)(x, t), one + 3 * (conditional - one), atol=1e-4)
 
 
 def test_caption_dropout_trains_on_the_empty_caption():

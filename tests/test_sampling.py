@@ -2,7 +2,9 @@ import pytest
 import torch
 
 from diffusion_cli.models import MLP
-from diffusion_cli.sampling import ddpm_step, sample
+from diffusion_cli.samplers import sample
+from diffusion_cli.samplers.base import Denoised
+from diffusion_cli.samplers.ddpm import ddpm_step
 from diffusion_cli.schedule import NoiseSchedule
 
 
@@ -11,11 +13,16 @@ def tiny_model(seed=0, shape=(1, 4, 4)):
     return MLP(shape, width=16, depth=1).eval()
 
 
+def x0_of(s, eps, i, x, clip_x0=True):
+    """The x0 estimate a sampler steps from, for an eps-predicting model's output."""
+    return Denoised(lambda: eps, s, i, x, "eps", clip_x0).x0
+
+
 def test_last_step_adds_no_noise_and_returns_the_clipped_x0():
     s = NoiseSchedule(T=10)
     x, eps = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
-    with_noise = ddpm_step(s, eps, 0, x, noise=torch.randn_like(x) * 100)
-    without = ddpm_step(s, eps, 0, x, noise=None)
+    with_noise = ddpm_step(s, x0_of(s, eps, 0, x), 0, x, noise=torch.randn_like(x) * 100)
+    without = ddpm_step(s, x0_of(s, eps, 0, x), 0, x, noise=None)
     torch.testing.assert_close(with_noise, without)
     x0 = s.predict_x0(x, torch.zeros(3, dtype=torch.long), eps).clamp(-1, 1)
     torch.testing.assert_close(with_noise, x0)
@@ -24,7 +31,7 @@ def test_last_step_adds_no_noise_and_returns_the_clipped_x0():
 def test_steps_before_the_last_add_noise_with_the_posterior_variance():
     s = NoiseSchedule(T=10)
     x, eps, noise = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
-    difference = ddpm_step(s, eps, 5, x, noise) - ddpm_step(s, eps, 5, x, None)
+    difference = ddpm_step(s, x0_of(s, eps, 5, x), 5, x, noise) - ddpm_step(s, x0_of(s, eps, 5, x), 5, x, None)
     torch.testing.assert_close(difference, s.posterior_variance[5].sqrt() * noise)
 
 
@@ -33,7 +40,7 @@ def test_unclipped_step_is_algorithm_2():
     s = NoiseSchedule(T=100)
     x, eps, z = torch.randn(4, 1, 4, 4), torch.randn(4, 1, 4, 4), torch.randn(4, 1, 4, 4)
     for i in (99, 50, 1):
-        ours = ddpm_step(s, eps, i, x, z, clip_x0=False)
+        ours = ddpm_step(s, x0_of(s, eps, i, x, clip_x0=False), i, x, z)
         algorithm2 = (x - s.betas[i] / s.sqrt_one_minus_alpha_bars[i] * eps) / s.alphas[i].sqrt() \
             + s.posterior_variance[i].sqrt() * z
         torch.testing.assert_close(ours, algorithm2, atol=1e-5, rtol=1e-4)
@@ -110,9 +117,9 @@ def test_whole_trajectory_matches_diffusers_ddpm_scheduler():
 
 
 def test_ddim_trailing_timesteps():
-    from diffusion_cli.sampling import ddim_timesteps
-    assert ddim_timesteps(1000, 50)[:3] == [999, 979, 959] and ddim_timesteps(1000, 50)[-1] == 19
-    assert ddim_timesteps(10, 10) == list(range(9, -1, -1))
+    from diffusion_cli.samplers.base import trailing_timesteps
+    assert trailing_timesteps(1000, 50)[:3] == [999, 979, 959] and trailing_timesteps(1000, 50)[-1] == 19
+    assert trailing_timesteps(10, 10) == list(range(9, -1, -1))
 
 
 def test_whole_ddim_trajectory_matches_diffusers_at_eta_0():
@@ -137,7 +144,7 @@ def test_whole_ddim_trajectory_matches_diffusers_at_eta_0():
 
 def test_ddim_single_steps_match_diffusers_at_eta_1():
     diffusers = pytest.importorskip("diffusers")
-    from diffusion_cli.sampling import ddim_step
+    from diffusion_cli.samplers.ddim import ddim_step
     scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, clip_sample=True,
                                         set_alpha_to_one=True, timestep_spacing="trailing")
     scheduler.set_timesteps(50)
@@ -146,12 +153,14 @@ def test_ddim_single_steps_match_diffusers_at_eta_1():
     for t in (999, 519, 39):
         theirs = scheduler.step(eps, t, x, eta=1.0, variance_noise=noise,
                                 use_clipped_model_output=True).prev_sample
-        torch.testing.assert_close(ddim_step(s, eps, t, t - 20, x, 1.0, noise), theirs, atol=1e-5, rtol=1e-4)
+        denoised = Denoised(lambda: eps, s, t, x, "eps", clip_x0=True)
+        torch.testing.assert_close(ddim_step(s, denoised.x0, denoised.eps, t, t - 20, x, 1.0, noise), theirs,
+                                   atol=1e-5, rtol=1e-4)
 
 
 def test_ddim_gives_the_same_images_whatever_the_batch_split():
     from omegaconf import OmegaConf
-    from diffusion_cli.sampling import sample_images
+    from diffusion_cli.samplers import sample_images
     s, model = NoiseSchedule(T=100), tiny_model(shape=(1, 3, 5))
     cfg = OmegaConf.create(dict(kind="ddim", steps=10, eta=0.0, clip_x0=True))
     whole = sample_images(model, s, cfg, (41, 1, 3, 5), batch_size=41, seed=1)
@@ -197,7 +206,7 @@ def test_respaced_ddpm_starts_at_the_last_timestep_for_any_number_of_steps(steps
 
 def test_sample_images_never_draws_more_than_a_batch_of_noise(monkeypatch):
     from omegaconf import OmegaConf
-    from diffusion_cli.sampling import sample_images
+    from diffusion_cli.samplers import sample_images
     largest, randn = [0], torch.randn
 
     def recording(*args, **kwargs):

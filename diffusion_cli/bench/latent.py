@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from ..data import Split, make_gradients
 from ..evaluate import QUALITY_SAMPLER
-from ..sampling import sample_images
+from ..samplers import sample_images
 from .timing import compose_train, interleaved, spread, table, timed
 
 SIZE = 64

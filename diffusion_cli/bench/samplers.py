@@ -5,7 +5,8 @@ import math
 import torch
 from torch import nn
 
-from ..sampling import ddim_timesteps, sample
+from ..samplers import sample
+from ..samplers.base import trailing_timesteps
 from ..schedule import NoiseSchedule
 from .timing import interleaved, spread, table
 
@@ -43,7 +44,7 @@ def floor_ddpm(model, schedule: NoiseSchedule, x: torch.Tensor, generator) -> to
 def floor_ddim(model, schedule: NoiseSchedule, x: torch.Tensor, steps: int) -> torch.Tensor:
     """The least a clipped-x0 DDIM step (eta 0, eps recomputed from the clipped x0) can do."""
     ab = schedule.numbers["alpha_bars"]
-    timesteps = ddim_timesteps(schedule.T, steps)
+    timesteps = trailing_timesteps(schedule.T, steps)
     for k, t in enumerate(timesteps):
         prev = ab[timesteps[k + 1]] if k + 1 < len(timesteps) else 1.0
         eps = model(x, torch.full((x.shape[0],), t, device=x.device))

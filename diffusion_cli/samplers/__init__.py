@@ -1,0 +1,120 @@
+"""The samplers, one module each (samplers/base.py has the contract and the one loop), and the two
+ways in: `sample` (a batch, the public API) and `sample_images` (many images in batches, what
+training grids, quality metrics, diffusion-sample and the benchmarks call)."""
+
+import importlib
+import pkgutil
+from dataclasses import fields, replace
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..guidance import guided
+from ..images import to_unit
+from ..runtime import eval_mode
+from ..schedule import NoiseSchedule
+from .base import REGISTRY, Sampler, draw, randn
+
+for _module in pkgutil.iter_modules(__path__):  # each module registers its sampler
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+SAMPLERS = REGISTRY  # kind -> class, e.g. SAMPLERS["ddim"](steps=50, eta=0.0)
+
+
+def sampler_from_config(sampler_cfg, **changes) -> Sampler:
+    """The sampler a `sampler` config group (or a dict of its keys) describes, with `changes`."""
+    cls = SAMPLERS[sampler_cfg["kind"]]
+    options = {f.name: sampler_cfg[f.name] for f in fields(cls) if f.name in sampler_cfg}
+    return replace(cls(**options), **changes)
+
+
+def model_device(model: nn.Module, schedule: NoiseSchedule) -> torch.device:
+    """Where the model's weights are; the schedule's device for a model without parameters."""
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else schedule.betas.device
+
+
+# sample()'s keywords before the sampler contract, still taken: what each now is.
+LEGACY = ("clip_x0", "x_T", "return_all_steps", "progress", "labels", "guidance_scale", "negative",
+          "prediction", "clamp")
+
+
+@torch.inference_mode()
+def sample(model: nn.Module, schedule: NoiseSchedule, shape, *, sampler: str | Sampler = "ddpm",
+           steps: int | None = None, eta: float | None = None, generator: torch.Generator | None = None,
+           device=None, **options) -> torch.Tensor:
+    """Draw images of `shape` (B, C, H, W) from the model, in [-1, 1].
+
+    sampler: a kind of SAMPLERS ("ddpm", "ddim", "dpmpp_2m", "heun", "euler") or a Sampler object
+    (which carries its own options, e.g. DDIM(steps=50, eta=1.0)); steps: sampling steps, default
+    the sampler's, else all T (DDPM with fewer uses respaced betas, the others their own spacing);
+    eta: the noise of DDIM and DPM-Solver++ (0 = deterministic); generator: the initial noise and
+    each step's; device: default the model's, else the schedule's.
+
+    options, as before the sampler contract: clip_x0 (default true), x_T (the initial noise),
+    return_all_steps (every state from x_T, stacked), progress, labels / guidance_scale / negative
+    (classifier-free guidance: see guidance.guided), prediction (default the model's), clamp (the
+    result to [-1, 1]; default true).
+    """
+    unknown = set(options) - set(LEGACY)
+    if unknown:
+        raise TypeError(f"sample() got unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+    if isinstance(sampler, str):
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler={sampler!r} is unknown; choose one of: {', '.join(SAMPLERS)}")
+        sampler = SAMPLERS[sampler]()
+    changes = {"steps": steps, "eta": eta, "clip_x0": options.get("clip_x0")}
+    sampler = replace(sampler, **{key: value for key, value in changes.items()
+                                  if value is not None and key in {f.name for f in fields(sampler)}})
+    device = torch.device(device) if device is not None else model_device(model, schedule)
+    x_T = options.get("x_T")
+    x = randn(shape, generator, device) if x_T is None else x_T.to(device)
+    labels, negative = options.get("labels"), options.get("negative")
+    with eval_mode(model):
+        denoise = guided(model, None if labels is None else labels.to(device), options.get("guidance_scale", 1.0),
+                         None if negative is None else negative.to(device))
+        result = draw(sampler, denoise, schedule, x, prediction=options.get("prediction") or getattr(model, "prediction", "eps"),
+                      generator=generator, progress=options.get("progress", False),
+                      trajectory=options.get("return_all_steps", False))
+    return result if options.get("return_all_steps") or not options.get("clamp", True) else result.clamp(-1, 1)
+
+
+def class_rows(num_classes: int, per_class: int) -> torch.Tensor:
+    """Labels for a grid with one row per class: per_class 0s, then per_class 1s, ..."""
+    return torch.arange(num_classes).repeat_interleave(per_class)
+
+
+def image_seeds(seed: int, count: int) -> list[int]:
+    """The seed of each image's initial noise in sample_images."""
+    return torch.randint(2 ** 62, (count,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def sample_images(model: nn.Module, schedule: NoiseSchedule, sampler_cfg, shape, *, batch_size: int,
+                  seed: int, labels: torch.Tensor | None = None, guidance_scale: float = 1.0,
+                  negative: torch.Tensor | None = None, latents=None, progress: bool = False) -> torch.Tensor:
+    """`shape[0]` images in [0, 1] on the CPU, drawn `batch_size` at a time with the sampler config.
+    `labels` (N,) for a class-conditional model, (N, L) caption tokens for a text-conditioned one;
+    `negative` (N, L) a negative prompt's tokens. With `latents` (a LatentSpace) the model draws
+    latents of `shape`, never clipped, which are decoded to images.
+    Training grids, quality metrics and diffusion-sample all draw through here.
+
+    All noise is drawn on the model's device, one batch at a time: image i's initial noise from
+    a generator seeded with the i-th seed that `seed` gives, so deterministic samplers (DDIM,
+    eta 0) give the same image for the same seed whatever batch_size splits the work; the
+    stochastic steps' noise continues that generator. The same seed gives the same images on
+    the same kind of device; a GPU's generator differs from the CPU's, so their images do too."""
+    device = model_device(model, schedule)
+    seeds = image_seeds(seed, shape[0])
+    generator = torch.Generator(device)
+    chunks, batches = [], range(0, shape[0], batch_size)
+    sampler = sampler_from_config(sampler_cfg, **({"clip_x0": False} if latents is not None else {}))
+    for start in tqdm(batches, desc="batches", disable=not progress or len(batches) == 1):
+        x_T = torch.stack([torch.randn(tuple(shape[1:]), generator=generator.manual_seed(s), device=device)
+                           for s in seeds[start:start + batch_size]])
+        chunk = sample(model, schedule, x_T.shape, sampler=sampler, generator=generator, x_T=x_T,
+                       progress=progress, clamp=latents is None, guidance_scale=guidance_scale,
+                       labels=None if labels is None else labels[start:start + batch_size],
+                       negative=None if negative is None else negative[start:start + batch_size])
+        chunks.append(to_unit(chunk if latents is None else latents.decode(chunk)).cpu())
+    return torch.cat(chunks)
