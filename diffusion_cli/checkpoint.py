@@ -14,6 +14,7 @@ resumed run may change.
 import json
 import logging
 import pickle
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ from .atomic import atomic_write
 from .errors import UserError
 from .models import build_model, text_config
 from .runtime import use_channels_last
-from .schedule import NoiseSchedule
+from .schedule import SCHEDULES, NoiseSchedule
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,19 @@ def read(path: str | Path, map_location="cpu", key: str = "ckpt") -> dict:
     if state["format_version"] > FORMAT_VERSION:
         raise UserError(f"{key}={path} has format_version {state['format_version']}, newer than "
                         f"this diffusion-cli reads ({FORMAT_VERSION}): upgrade diffusion-cli")
+    state["config"] = migrated(state["config"])
     return state
+
+
+def migrated(config: dict) -> dict:
+    """A saved config in today's form; every change of the config's shape is undone here, once.
+    - Before each schedule kind had keys of its own, cosine and edm kept beta_start and beta_end
+      (null): dropped."""
+    schedule = config.get("schedule", {})
+    if schedule.get("kind") in SCHEDULES:
+        keep = {"kind"} | {f.name for f in fields(SCHEDULES[schedule["kind"]])}
+        config["schedule"] = {key: value for key, value in schedule.items() if key in keep}
+    return config
 
 
 def unreadable(path: Path, key: str, error: Exception) -> str:

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
 from . import checkpoint, runtime
-from .config import validate
+from .config import other_kinds_key, validate
 from .errors import UserError
 from .rundir import claim, claim_sweep
 from .stopping import Stopped
@@ -67,6 +67,9 @@ def describe(error: Exception) -> str:
         if error.options:
             return f"{first}; choose one of: {', '.join(error.options)}"
     parts = [error] + ([error.__cause__] if error.__cause__ is not None else [])
+    other_kind = other_kinds_key(" ".join(map(str, parts)))
+    if other_kind:
+        return other_kind
     lines = [line.strip() for part in parts for line in str(part).splitlines()]
     return "; ".join(line.rstrip(".") for line in lines if line and not line.startswith(_NOISE))
 

@@ -22,7 +22,7 @@ from .models.text_encoder import ENCODERS, build_text_encoder
 from .runtime import PRECISIONS, resolve_device
 from .samplers import SAMPLERS
 from .schema import rules_of, schema_of
-from .schedule import PREDICTIONS, SCHEDULE_KINDS
+from .schedule import PREDICTIONS, SCHEDULE_KINDS, SCHEDULES
 from .tracking import check_available
 
 
@@ -133,23 +133,6 @@ class DiffusersAutoencoderConfig:
 
 
 @dataclass
-class ScheduleConfig:
-    kind: str = MISSING
-    T: int = MISSING
-    beta_start: Optional[float] = MISSING
-    beta_end: Optional[float] = MISSING
-
-
-@dataclass
-class EDMScheduleConfig(ScheduleConfig):
-    sigma_min: float = MISSING
-    sigma_max: float = MISSING
-    rho: float = MISSING
-    p_mean: float = MISSING
-    p_std: float = MISSING
-
-
-@dataclass
 class TrainerConfig:
     seed: int = MISSING
     device: str = MISSING
@@ -228,8 +211,8 @@ def register_schemas() -> None:
     store.store(group="schema/text_encoder", name="clip", node=ClipTextEncoderConfig)
     store.store(group="schema/autoencoder", name="kl", node=AutoencoderConfig)
     store.store(group="schema/autoencoder", name="diffusers", node=DiffusersAutoencoderConfig)
-    store.store(group="schema/schedule", name="schedule", node=ScheduleConfig)
-    store.store(group="schema/schedule", name="edm", node=EDMScheduleConfig)
+    for kind, schedule in SCHEDULES.items():
+        store.store(group="schema/schedule", name=kind, node=schema_of(schedule))
     store.store(group="schema/trainer", name="trainer", node=TrainerConfig)
     for kind, sampler in SAMPLERS.items():
         store.store(group="schema/sampler", name=kind, node=schema_of(sampler))
@@ -260,8 +243,41 @@ def group_options(group: str) -> str:
     """The options of a config group, as --help lists them: ddpm|ddim|..."""
     from importlib.resources import files
 
-    return "|".join(sorted(path.name[:-5] for path in files("diffusion_cli.conf").joinpath(group).iterdir()
-                           if path.name.endswith(".yaml")))
+    folder = files("diffusion_cli.conf").joinpath(group)
+    return "|".join(sorted(path.name[:-5] for path in folder.iterdir() if path.name.endswith(".yaml"))
+                    if folder.is_dir() else [])
+
+
+def option_keys(group: str, option: str) -> set[str]:
+    """The keys a group option's YAML sets, those of the options it extends included."""
+    from importlib.resources import files
+
+    path = files("diffusion_cli.conf").joinpath(group, f"{option}.yaml")
+    if not path.is_file():
+        return set()
+    node = OmegaConf.create(path.read_text())
+    keys = set(node) - {"defaults"}
+    for parent in node.get("defaults", []):
+        if isinstance(parent, str) and not parent.startswith(("/", "_self_")):
+            keys |= option_keys(group, parent)
+    return keys
+
+
+def other_kinds_key(message: str) -> str | None:
+    """For Hydra's error on a key that the chosen option of its group lacks, the one line naming
+    the options that have it (None where no option has it)."""
+    import re
+
+    match = re.search(r"Could not override '(\w+)\.(\w+)'", message)
+    if not match or "not in" not in message:
+        return None
+    group, key = match.groups()
+    have = [option for option in group_options(group).split("|") if key in option_keys(group, option)] \
+        if group_options(group) else []
+    if not have:
+        return None
+    return (f"{group}.{key} is a key of {group}={'|'.join(have)}; add {group}={have[0]} (each {group} "
+            f"option has its own keys: --cfg job shows this run's)")
 
 
 OmegaConf.register_new_resolver("group_options", group_options, replace=True)
@@ -276,7 +292,6 @@ LOSS_WEIGHTINGS = ("none", "min_snr")
 # Range checks: (full key, test, what is allowed). Keys absent from a config are skipped.
 def _positive(v): return v >= 1
 def _non_negative(v): return v >= 0
-def _probability_or_none(v): return v is None or 0 < v < 1
 
 
 def _one_of(choices):
@@ -288,13 +303,6 @@ RULES = [
     ("model.kind", *_one_of(tuple(MODELS))),
     ("schedule.kind", *_one_of(SCHEDULE_KINDS)),
     ("sampler.kind", *_one_of(SAMPLERS)),
-    ("schedule.T", _positive, "an integer >= 1"),
-    ("schedule.beta_start", _probability_or_none, "a number strictly between 0 and 1"),
-    ("schedule.beta_end", _probability_or_none, "a number strictly between 0 and 1"),
-    ("schedule.sigma_min", lambda v: v > 0, "a number > 0, e.g. 0.002"),
-    ("schedule.sigma_max", lambda v: v > 0, "a number > 0, e.g. 80"),
-    ("schedule.rho", lambda v: v > 0, "a number > 0, e.g. 7"),
-    ("schedule.p_std", lambda v: v > 0, "a number > 0, e.g. 1.2"),
     ("data.num_train", _positive, "an integer >= 1"),
     ("data.num_eval", _positive, "an integer >= 1"),
     ("data.channels", _positive, "an integer >= 1"),
@@ -360,6 +368,7 @@ RULES = [
     ("sweep.direction", *_one_of(("minimize", "maximize"))),
     ("logger.wandb.mode", lambda v: v in (None, "online", "offline", "disabled"), "online, offline, disabled or null"),
     *rules_of("sampler", SAMPLERS.values()),
+    *rules_of("schedule", SCHEDULES.values()),
     ("num_samples", _positive, "an integer >= 1"),
     ("batch_size", _positive, "an integer >= 1"),
     ("nrow", _non_negative, "an integer >= 0 (0: a square grid)"),
@@ -404,12 +413,7 @@ def check_schedule(schedule: DictConfig) -> None:
     if schedule.kind == "edm" and schedule.sigma_min >= schedule.sigma_max:
         raise UserError(f"schedule.sigma_min={schedule.sigma_min} is not below schedule.sigma_max="
                         f"{schedule.sigma_max}: use e.g. sigma_min=0.002 sigma_max=80")
-    if schedule.kind != "linear":
-        return
-    if None in (schedule.beta_start, schedule.beta_end):
-        raise UserError("schedule=linear needs schedule.beta_start and schedule.beta_end: numbers "
-                        "strictly between 0 and 1")
-    if schedule.beta_start > schedule.beta_end:
+    if schedule.kind == "linear" and schedule.beta_start > schedule.beta_end:
         raise UserError(f"schedule.beta_start={schedule.beta_start} is above schedule.beta_end="
                         f"{schedule.beta_end}: the noise must grow, so use beta_start <= beta_end")
 

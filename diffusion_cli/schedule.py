@@ -6,12 +6,42 @@ steps), and works for x of any shape (B, ...).
 """
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from .schema import check
 
-SCHEDULE_KINDS = ("linear", "cosine", "edm")
+# The schedule group's kinds: each one's keys (conf/schedule/<kind>.yaml has their defaults and docs).
+def _steps(): return check(lambda v: v >= 1, "an integer >= 1")
+def _beta(): return check(lambda v: 0 < v < 1, "a number strictly between 0 and 1")
+
+
+@dataclass
+class Linear:
+    T: int = _steps()
+    beta_start: float = _beta()
+    beta_end: float = _beta()
+
+
+@dataclass
+class Cosine:
+    T: int = _steps()
+
+
+@dataclass
+class EDM:
+    T: int = _steps()
+    sigma_min: float = check(lambda v: v > 0, "a number > 0, e.g. 0.002")
+    sigma_max: float = check(lambda v: v > 0, "a number > 0, e.g. 80")
+    rho: float = check(lambda v: v > 0, "a number > 0, e.g. 7")
+    p_mean: float = field()  # any number
+    p_std: float = check(lambda v: v > 0, "a number > 0, e.g. 1.2")
+
+
+SCHEDULES = {"linear": Linear, "cosine": Cosine, "edm": EDM}
+SCHEDULE_KINDS = tuple(SCHEDULES)
 # What the network outputs: the noise eps, the clean image x0, or v = sqrt(ab) eps - sqrt(1-ab) x0
 # (Salimans & Ho 2022). The loss is an MSE in that parameterisation; the samplers convert.
 PREDICTIONS = ("eps", "x0", "v")
@@ -131,18 +161,6 @@ class NoiseSchedule(nn.Module):
         return combine(self._at("sqrt_alpha_bars", t, x0), x0,
                        self._at("sqrt_one_minus_alpha_bars", t, x0), noise)
 
-    def q_sample_iterative(self, x0: torch.Tensor, t: torch.Tensor,
-                           generator: torch.Generator | None = None) -> torch.Tensor:
-        """The forward chain one step at a time (eq. 2): x_s = sqrt(1-beta_s) x_{s-1} + sqrt(beta_s) eps
-        for s = 0 ... t, i.e. t+1 steps. Slow; it exists to check `q_sample` against."""
-        x = x0.clone()
-        for s in range(int(t.max()) + 1):
-            eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            stepped = math.sqrt(self.numbers["alphas"][s]) * x + math.sqrt(self.numbers["betas"][s]) * eps
-            active = (t >= s).reshape(-1, *([1] * (x.dim() - 1)))
-            x = torch.where(active, stepped, x)
-        return x
-
     def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """Invert q_sample for x0 given the noise. Never clips: the sampler decides that."""
         a, s = self._at("sqrt_alpha_bars", t, x_t), self._at("sqrt_one_minus_alpha_bars", t, x_t)
@@ -198,7 +216,7 @@ class NoiseSchedule(nn.Module):
     def from_config(cls, cfg) -> "NoiseSchedule":
         if cfg.kind == "edm":
             return edm_schedule(cfg.T, cfg.sigma_min, cfg.sigma_max, cfg.rho, cfg.p_mean, cfg.p_std)
-        return cls(T=cfg.T, beta_start=cfg.beta_start, beta_end=cfg.beta_end, kind=cfg.kind)
+        return cls(T=cfg.T, beta_start=cfg.get("beta_start"), beta_end=cfg.get("beta_end"), kind=cfg.kind)
 
     def extra_repr(self) -> str:
         return f"T={self.T}"

@@ -84,3 +84,11 @@ def _ordered_keys(dicts) -> list[str]:
 def _job_order(name: str):
     return (0, int(name)) if name.isdigit() else (1, name)
 
+
+
+def linear_beta_end(cfg, trial) -> None:
+    """hparams_search=gradients_optuna's conditional key (Hydra's Optuna sweeper calls it for each
+    trial, custom_search_space): schedule.beta_end is a key of schedule=linear only, so a trial
+    draws it only when it chose the linear schedule."""
+    if trial.params.get("schedule") == "linear":
+        trial.suggest_float("schedule.beta_end", 0.005, 0.05)

@@ -137,14 +137,14 @@ def read_summary(sweep_dir):
 def test_sweep_runs_every_combination_and_writes_a_summary(tmp_path):
     sweep_dir = tmp_path / "sweep"
     tiny = [arg for arg in TINY_TRAIN if not arg.startswith("schedule.T=")]
-    run_cli("diffusion-train", "-m", "schedule.T=10,20", "schedule.beta_end=0.01,0.02", *tiny,
+    run_cli("diffusion-train", "-m", "schedule=linear,cosine", "schedule.T=10,20", *tiny,
             f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
     rows = read_summary(sweep_dir)
     assert len(rows) == 4 and len(list(sweep_dir.glob("*/checkpoints/last.pt"))) == 4
-    assert {(r["schedule.T"], r["schedule.beta_end"]) for r in rows} == \
-        {("10", "0.01"), ("10", "0.02"), ("20", "0.01"), ("20", "0.02")}
+    assert {(r["schedule"], r["schedule.T"]) for r in rows} == \
+        {("linear", "10"), ("linear", "20"), ("cosine", "10"), ("cosine", "20")}
     header = list(rows[0])
-    assert header[:2] == ["schedule.T", "schedule.beta_end"]  # the swept keys, not the constant ones
+    assert header[:2] == ["schedule", "schedule.T"]  # the swept keys, not the constant ones
     for column in ("loss", "eval_loss", "rms", "valid_frac", "steps", "wall_s", "run_dir", "status"):
         assert column in header
     assert all(r["status"] == "ok" and float(r["eval_loss"]) > 0 and r["steps"] == "6" for r in rows)
@@ -172,7 +172,9 @@ BAD_INPUT = [
     ("diffusion-train", ["trainer.no_such_key=1"], "no_such_key"),           # unknown key
     ("diffusion-train", ["schedule.T=abc"], "schedule.T"),                   # wrong type
     ("diffusion-train", ["schedule.T=0"], "schedule.T"),
-    ("diffusion-train", ["schedule.beta_end=1.5"], "schedule.beta_end"),     # beta outside (0, 1)
+    ("diffusion-train", ["schedule=linear", "schedule.beta_end=1.5"], "schedule.beta_end"),  # beta outside (0, 1)
+    ("diffusion-train", ["schedule.beta_end=0.01"], "is a key of schedule=linear; add schedule=linear"),
+    ("diffusion-train", ["sampler.eta=1"], "is a key of sampler=ddim|dpmpp_2m"),
     ("diffusion-train", ["schedule=linear", "schedule.beta_start=0.5"], "beta_start"),          # beta_start > beta_end
     ("diffusion-train", ["schedule=edm", "schedule.sigma_min=100"], "sigma_min"),  # sigma_min > sigma_max
     ("diffusion-train", ["trainer.batch_size=0"], "trainer.batch_size"),

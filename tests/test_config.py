@@ -66,8 +66,8 @@ def test_wrong_types_and_unknown_names_fail_at_compose_time(override):
 
 @pytest.mark.parametrize("override, key", [
     ("schedule.T=0", "schedule.T"),
-    ("schedule.beta_start=0", "schedule.beta_start"),
-    ("schedule.beta_end=1.5", "schedule.beta_end"),
+    ("schedule=linear schedule.beta_start=0", "schedule.beta_start"),
+    ("schedule=linear schedule.beta_end=1.5", "schedule.beta_end"),
     ("schedule=linear schedule.beta_start=0.03", "schedule.beta_start"),   # above beta_end
     ("trainer.batch_size=-1", "trainer.batch_size"),
     ("trainer.lr=-0.1", "trainer.lr"),
