@@ -136,10 +136,9 @@ def save_training(trainer, cfg: DictConfig, step: int, run_dir: Path, rng: dict)
         state["scaler"] = trainer.scaler.state_dict()
     if trainer.lr_rewarm is not None:
         state["lr_rewarm"] = list(trainer.lr_rewarm)
-    if trainer.latent is not None:  # task=autoencoder: what latent diffusion scales its latents by
-        state["latent"] = trainer.latent
-    if trainer.latents is not None:  # latent diffusion: the autoencoder, so that sampling needs no other file
-        state["autoencoder"] = trainer.latents.state()
+    # task=autoencoder: "latent", what latent diffusion scales its latents by; latent diffusion:
+    # "autoencoder", the space's autoencoder, so that sampling needs no other file.
+    state.update(trainer.task.state())
     directory = run_dir / "checkpoints"
     for stale in directory.glob(".*.tmp"):  # left by a process killed while writing
         stale.unlink()
@@ -273,27 +272,3 @@ def continue_metrics(source: Path, target: Path, step: int) -> None:
             pass
     with atomic_write(target) as file:
         file.write("".join(kept))
-
-
-def load_autoencoder(path: str | Path, device="cpu"):
-    """autoencoder.ckpt=: a task=autoencoder run dir or checkpoint, as a frozen LatentSpace."""
-    from .autoencoder import LatentSpace
-
-    state = read(path, map_location=device, key="autoencoder.ckpt")
-    config = state["config"]
-    if config.get("task") != "autoencoder" or "latent" not in state:
-        raise UserError(f"autoencoder.ckpt={path} is not an autoencoder (it was trained with task="
-                        f"{config.get('task', 'diffusion')}): give the run dir of a diffusion-train "
-                        f"task=autoencoder run")
-    data = config["data"]
-    return LatentSpace.from_state({
-        "config": config["autoencoder"], "latent": state["latent"], "source": str(resolve(path)),
-        "image_shape": [data["channels"], data["height"], data["width"]],
-        "model": state.get("ema", state["model"])}, device)
-
-
-def latent_space(state: dict, device="cpu"):
-    """The LatentSpace a latent denoiser's checkpoint embeds, or None for a pixel-space one."""
-    from .autoencoder import LatentSpace
-
-    return LatentSpace.from_state(state["autoencoder"], device) if "autoencoder" in state else None

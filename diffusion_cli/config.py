@@ -12,7 +12,6 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from . import checkpoint
-from .autoencoder import frozen_autoencoder, latent_diffusion
 from .data import DATASETS, class_names
 from .data.captions import FORMATS as CAPTION_FORMATS
 from .errors import UserError
@@ -22,6 +21,7 @@ from .models.text_encoder import ENCODERS, build_text_encoder
 from .runtime import PRECISIONS, resolve_device
 from .samplers import SAMPLERS
 from .schema import rules_of, schema_of
+from .spaces import latent_diffusion, run_space
 from .schedule import PREDICTIONS, SCHEDULE_KINDS, SCHEDULES
 from .tracking import check_available
 
@@ -482,7 +482,7 @@ def check_autoencoder(cfg: DictConfig) -> None:
                         "or a local folder with a diffusers AutoencoderKL")
     if not latent_diffusion(cfg) or cfg.get("resume") is not None:
         return
-    latents = frozen_autoencoder(cfg)
+    latents = run_space(cfg)
     key = "autoencoder.path" if kind == "diffusers" else "autoencoder.ckpt"
     channels, height, width = image_shape(cfg.data)
     if channels != latents.image_shape[0]:

@@ -7,10 +7,10 @@ from omegaconf import DictConfig, OmegaConf
 from .data import Split
 from .images import save_grid, to_unit
 from .metrics import quality_metric, sample_quality
-from .models import is_conditional, model_shape
+from .models import is_conditional
 from .prompts import sample_conditions
 from .runtime import autocast, eval_mode
-from .samplers import sample_images
+from .generation import sample_images
 from .schedule import NoiseSchedule
 
 # The eval loss is also reported per bucket of timesteps: where the model is weak.
@@ -24,13 +24,13 @@ QUALITY_SAMPLER = OmegaConf.create({"kind": "ddim", "steps": 50, "eta": 0.0, "cl
 class Evaluator:
     """The held-out loss (unweighted MSE in the model's prediction) at fixed timesteps and noise,
     so numbers are comparable across steps; conditional models see the images' own conditions
-    (labels, or caption tokens). `prompts`: what a text model's grids and quality draw. With
-    `latents` (latent diffusion's LatentSpace) data.images are latents, and the grids decode."""
+    (labels, or caption tokens). `prompts`: what a text model's grids and quality draw. data.images
+    are in the run's `space` (latents, for latent diffusion), and the grids decode them."""
 
     def __init__(self, data: Split, schedule: NoiseSchedule, batch_size: int, seed: int,
-                 prompts: list[str] | None = None, latents=None):
+                 prompts: list[str] | None, space):
         generator = torch.Generator().manual_seed(seed)
-        self.images, self.labels, self.prompts, self.latents = data.images, data.labels, prompts, latents
+        self.images, self.labels, self.prompts, self.space = data.images, data.labels, prompts, space
         # Timesteps spread evenly over 0..T-1, one per image; noise fixed once.
         self.t = torch.linspace(0, schedule.T - 1, len(self.images)).round().long()
         self.noise = torch.randn(self.images.shape, generator=generator)
@@ -62,7 +62,7 @@ class Evaluator:
 @torch.inference_mode()
 def reconstructions(model, schedule: NoiseSchedule, data: Split, seed: int, clamp: bool = True) -> torch.Tensor:
     """Rows: the clean images, then for each t in RECONSTRUCTION_TIMES x_t and the model's x0
-    estimate (clipped to [-1, 1] with `clamp`: images, not latents). Returns the rows stacked."""
+    estimate (clipped to [-1, 1] with `clamp`: in a space that clips). Returns the rows stacked."""
     device = schedule.betas.device
     x0 = data.images.to(device)
     labels = data.labels.to(device) if is_conditional(model) else None
@@ -80,17 +80,16 @@ def reconstructions(model, schedule: NoiseSchedule, data: Split, seed: int, clam
 def write_grids(model, schedule, cfg, step: int, run_dir, eval_data: Split, evaluator: Evaluator) -> dict:
     """The sample grid (fixed seed, so grids are comparable across steps; one row per class or
     prompt for a conditional model) and the reconstruction grid; returns their paths by name."""
-    latents = evaluator.latents
+    space = evaluator.space
     labels, _, nrow, titles = sample_conditions(model, cfg.data, evaluator.prompts, cfg.trainer.num_grid_images, grid=True)
     count = len(labels) if labels is not None else cfg.trainer.num_grid_images
-    samples = sample_images(model, schedule, cfg.sampler, (count, *model_shape(cfg.data, latents)),
-                            batch_size=cfg.trainer.batch_size, seed=cfg.trainer.seed, labels=labels,
-                            latents=latents)
+    samples = sample_images(model, schedule, cfg.sampler, (count, *space.shape), batch_size=cfg.trainer.batch_size,
+                            seed=cfg.trainer.seed, labels=labels, space=space)
     shown = eval_data.head(8)
-    rows = reconstructions(model, schedule, shown, cfg.trainer.seed, clamp=latents is None)
+    rows = reconstructions(model, schedule, shown, cfg.trainer.seed, clamp=space.clip)
     return {"samples": save_grid(samples, run_dir / "samples" / f"step_{step:07d}.png", nrow,
                                  row_titles=titles),
-            "reconstructions": save_grid(to_unit(rows if latents is None else latents.decode(rows)),
+            "reconstructions": save_grid(to_unit(space.decode(rows)),
                                          run_dir / "reconstructions" / f"step_{step:07d}.png",
                                          nrow=len(shown.images))}
 
@@ -101,9 +100,9 @@ def quality(model, schedule: NoiseSchedule, cfg: DictConfig, evaluator: Evaluato
     count = cfg.trainer.num_quality_images
     conditions, classes, _, _ = sample_conditions(model, cfg.data, evaluator.prompts, count)
     sampler = OmegaConf.merge(QUALITY_SAMPLER, {"steps": min(QUALITY_SAMPLER.steps, schedule.T)})
-    images = sample_images(model, schedule, sampler, (count, *model_shape(cfg.data, evaluator.latents)),
+    images = sample_images(model, schedule, sampler, (count, *evaluator.space.shape),
                            batch_size=cfg.trainer.batch_size, seed=cfg.trainer.seed, labels=conditions,
-                           latents=evaluator.latents)
+                           space=evaluator.space)
     return sample_quality(images, cfg.data, classes)
 
 

@@ -13,7 +13,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from .atomic import atomic_write  # noqa: E402
-from .models import model_shape  # noqa: E402
 from .prompts import sample_conditions  # noqa: E402
 from .samplers import model_device, sample, sampler_from_config  # noqa: E402
 
@@ -68,24 +67,22 @@ def training_curves(run_dir: Path) -> None:
     save(figure, run_dir / "loss_by_t.png")
 
 
-def denoising(model, schedule, cfg, path: Path, prompts: list[str] | None = None, latents=None,
+def denoising(model, schedule, cfg, path: Path, prompts: list[str] | None, space,
               count: int = 8, columns: int = 10) -> None:
     """The reverse process of `count` samples (rows) with the training grids' sampler, at
     `columns` evenly spaced steps from x_T to the final sample; classes or `prompts` in turn;
-    with `latents` (a LatentSpace) each state decoded."""
-    sampler = sampler_from_config(cfg.sampler, **({"clip_x0": False} if latents is not None else {}))
+    each state decoded from the run's space."""
+    sampler = sampler_from_config(cfg.sampler, clip_x0=cfg.sampler.clip_x0 and space.clip)
     labels = sample_conditions(model, cfg.data, prompts, count)[0]
     generator = torch.Generator(model_device(model, schedule)).manual_seed(cfg.trainer.seed)
-    trajectory = sample(model, schedule, (count, *model_shape(cfg.data, latents)),
+    trajectory = sample(model, schedule, (count, *space.shape),
                         sampler=sampler, generator=generator, return_all_steps=True, labels=labels)
     # The timestep each state is the model's input at; the last state is the sample itself.
     inputs = sampler.timesteps(schedule, sampler.steps or schedule.T)
     titles = [f"t={t}" for t in inputs] + ["sample"]
     shown = [round(k * len(inputs) / (columns - 1)) for k in range(columns)]
     trajectory = trajectory[shown]
-    if latents is not None:
-        trajectory = torch.stack([latents.decode(states) for states in trajectory])
-    trajectory = trajectory.cpu()
+    trajectory = torch.stack([space.decode(states) for states in trajectory]).cpu()
     figure, axes = plt.subplots(count, columns, figsize=(columns * 0.9, count * 0.9), squeeze=False)
     for column, k in enumerate(shown):
         axes[0, column].set_title(titles[k], fontsize=8)

@@ -16,11 +16,13 @@ from .config import check_sampler_steps
 from .errors import UserError
 from .images import save_each, save_grid
 from .metrics import quality_metric, sample_quality
-from .models import model_shape, text_encoder
+from .models import text_encoder
+from .spaces import checkpoint_space
 from .models.text_encoder import tokenize
 from .prompts import read_prompts, sample_conditions
 from .runtime import autocast, compiled, resolve_device
-from .samplers import class_rows, image_seeds, sample, sample_images
+from .generation import class_rows, image_seeds, sample_images
+from .samplers import sample
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +34,13 @@ def sample_from_checkpoint(cfg: DictConfig, run_dir: Path) -> dict:
     device = resolve_device(cfg.device)
     state = checkpoint.read(cfg.ckpt, map_location=device)
     model, schedule, train_cfg = checkpoint.load(cfg.ckpt, device, use_ema=cfg.use_ema, state=state)
-    latents = checkpoint.latent_space(state, device)
+    space = checkpoint_space(state, device)
     check_sampler_steps(cfg.sampler, schedule.T)
     if cfg.eval and not quality_metric(train_cfg.data):
         raise UserError(f"eval=true: data={train_cfg.data.kind} has no quality metric in this project; "
                         f"use save_images=true and compute FID on the images/ folder with an "
                         f"external tool (clean-fid, torch-fidelity)")
-    shape = model_shape(train_cfg.data, latents)
+    shape = space.shape
     labels, shown_classes, nrow, titles, negative, prompts = requested_conditions(cfg, model, train_cfg.data)
     count = len(labels) if labels is not None else cfg.num_samples
     steps = cfg.sampler.steps or schedule.T
@@ -60,7 +62,7 @@ def sample_from_checkpoint(cfg: DictConfig, run_dir: Path) -> dict:
     with autocast(device, cfg.precision):
         images = sample_images(model, schedule, cfg.sampler, (count, *shape), batch_size=cfg.batch_size,
                                seed=cfg.seed, labels=labels, guidance_scale=cfg.guidance_scale,
-                               negative=negative, latents=latents, progress=True)
+                               negative=negative, space=space, progress=True)
     sampling_s = time.perf_counter() - started
     log.info(f"sampled {count} images in {sampling_s:.1f} s")
     grid = save_grid(images, run_dir / "samples.png", nrow, row_titles=titles)

@@ -20,62 +20,45 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from . import checkpoint, plots, runtime
-from .autoencoder import (LatentSpace, ReconstructionEvaluator, build_autoencoder, cached_latents, encode_all,
-                          first_images, frozen_autoencoder, latent_diffusion, latent_statistics, psnr_line)
+from . import checkpoint, plots, runtime, spaces
 from .cli import console_script, run_task
 from .config import validate
 from .data import RowFile, Split, class_names, load_data
 from .data.batches import training_batches
-from .data.captions import CaptionTable
 from .ema import EMA
 from .errors import UserError
-from .evaluate import QUALITY_SAMPLER, Evaluator, due, evaluate
+from .evaluate import due
 from .lr_schedule import learning_rate, rewarm_after_resume
-from .metrics import QUALITY_KEYS
-from .models import build_model, image_shape, is_conditional, model_shape, pretrained, text_config, text_encoder
-from .models.text_encoder import tokenize
-from .objectives import autoencoder_loss, training_loss
-from .prompts import grid_prompts
-from .runtime import autocast, compiled, convolutional, resolve_device, use_channels_last, use_fast_math
-from .schedule import NoiseSchedule
+from .models import image_shape
+from .runtime import compiled, convolutional, resolve_device, use_fast_math
+from .spaces import Space, Training
 from .stopping import GracefulStop, Stopped
+from .tasks import TASKS
 from .tracking import Trackers
 
 log = logging.getLogger(__name__)
 
-class TrainStep:
-    """One optimizer step on a batch (data/batches.py: by index from the training set on the
-    device, or streamed), without a single host sync: a step with a non-finite loss or gradient is skipped on the device
-    (fused AdamW's found_inf; GradScaler's under fp16) and counted in `stats`, which the loop
-    reads only at log and checkpoint steps. train()'s loop and diffusion-bench both call it."""
 
-    def __init__(self, cfg: DictConfig, device: torch.device, train_data: Split, latents: LatentSpace | None = None,
-                 encoded: bool = False):
+class TrainStep:
+    """One optimizer step of the run's task (tasks.py) on a batch (data/batches.py: by index from
+    the training set on the device, or streamed), without a single host sync: a step with a
+    non-finite loss or gradient is skipped on the device (fused AdamW's found_inf; GradScaler's
+    under fp16) and counted in `stats`, which the loop reads only at log and checkpoint steps.
+    train()'s loop and diffusion-bench both call it."""
+
+    def __init__(self, cfg: DictConfig, device: torch.device, data: Split | Training, space: Space | None = None):
+        """`data`: the training split, or as the `space` (default: the data's pixels) prepared it."""
+        space = space or spaces.PixelSpace(image_shape(cfg.data))
+        training = data if isinstance(data, Training) else space.training(data, cfg)
         tc = self.tc = cfg.trainer
         self.cfg = cfg
         torch.manual_seed(tc.seed)  # model initialisation: the same on every rank
         self.device = device
-        # task=autoencoder trains the autoencoder of latent diffusion through the same loop.
-        self.autoencoding = cfg.get("task") == "autoencoder"
-        # Latent diffusion: the denoiser learns the latents of a frozen autoencoder, `latents`,
-        # which encodes each batch, or encoded the whole set once (`encoded`: cache_latents).
-        self.latents, self.encode_batches = latents, latents is not None and not encoded
-        self.model = use_channels_last((build_autoencoder(cfg.autoencoder, cfg.data) if self.autoencoding else
-                                        build_model(cfg.model, model_shape(cfg.data, latents), text_config(cfg))).to(device))
-        self.latent = None  # task=autoencoder: the latent scale, measured at each checkpoint
-        self.perceptual_weight = cfg.autoencoder.get("perceptual_weight", 0) if self.autoencoding else 0
-        self.lpips = pretrained.lpips_vgg().to(device) if self.perceptual_weight > 0 else None
-        self.batches = training_batches(train_data, cfg.data, device, tc.batch_size,
-                                        labelled=not self.autoencoding and is_conditional(self.model),
-                                        channels_last=convolutional(self.model), seed=tc.seed, encoded=encoded)
-        # Captioned data: batches carry caption groups, drawn into tokens by self.captions; the
-        # empty caption replaces data.caption_dropout of them, as the null label does for classes.
-        text = text_encoder(self.model)
-        self.captions = CaptionTable(train_data.captions, partial(tokenize, text), device) if text else None
-        self.null = self.model.text.null(1, self.captions.tokens.shape[1]) if text else None
-        self.cond_drop_prob = cfg.data.caption_dropout if text else tc.cond_drop_prob
-        self.schedule = NoiseSchedule.from_config(cfg.schedule).to(device)
+        self.task = TASKS[cfg.get("task", "diffusion")](cfg, device, space, training)
+        self.model = self.task.model
+        self.batches = training_batches(training.split, cfg.data, device, tc.batch_size, labelled=self.task.labelled,
+                                        channels_last=convolutional(self.model), seed=tc.seed,
+                                        encoded=training.encoded)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.lr,
                                            weight_decay=tc.weight_decay, fused=True)
         self.scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
@@ -96,36 +79,17 @@ class TrainStep:
         # skips, first skipped step.
         self.stats = torch.zeros(5, device=device)
 
-    def loss(self, network, batch, generator: torch.Generator) -> torch.Tensor:
-        """The training loss of `network` on `batch` (images, labels), noised with `generator`."""
-        tc = self.tc
-        images, labels = batch
-        if self.autoencoding:
-            ae = self.cfg.autoencoder
-            with autocast(self.device, tc.precision):
-                return autoencoder_loss(network, images, generator, ae.loss, ae.kl_weight, self.lpips,
-                                        self.perceptual_weight)
-        if self.encode_batches:
-            images = self.latents.encode(images)
-        if self.captions is not None:
-            labels = self.captions.draw(labels, generator)
-        with autocast(self.device, tc.precision):
-            return training_loss(network, self.schedule, images, generator, labels=labels,
-                                 cond_drop_prob=self.cond_drop_prob, loss_weighting=tc.loss_weighting,
-                                 prediction=self.model.prediction, num_classes=self.model.num_classes,
-                                 null=self.null)
-
     def warm_up(self, network) -> None:
         """torch.compile's first call, as the training step makes it (batch shape, grad mode,
         autocast, backward: a DDP model owes one), on a batch of its own stream."""
-        self.loss(network, self.batches.first(), torch.Generator(self.device).manual_seed(0)).backward()
+        self.task.loss(network, self.batches.first(), torch.Generator(self.device).manual_seed(0)).backward()
         self.optimizer.zero_grad(set_to_none=True)
 
     def __call__(self, step: int) -> None:
         self.lr = learning_rate(step, self.tc, self.lr_rewarm)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
-        loss = self.loss(self.network, self.batches.next(self.generator), self.generator)
+        loss = self.task.loss(self.network, self.batches.next(self.generator), self.generator)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)  # fp16: true gradients for the norm (else a no-op)
@@ -198,21 +162,13 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     with runtime.main_process_first():  # rank 0 downloads, the others then read its files
         train_data, eval_data = load_data(cfg.data)
     cfg.data.classes = class_names(cfg.data) or None  # in the checkpoint: diffusion-sample label=NAME
-    latents = None
-    if latent_diffusion(cfg):
-        # The autoencoder a resumed run embeds, so that it needs no other file; else the config's.
-        latents = (state is not None and checkpoint.latent_space(state, device)) or frozen_autoencoder(cfg, device)
-        eval_data = eval_data._replace(images=encode_all(latents, eval_data.images, tc.batch_size, stored=False))
-        log.info(f"latent diffusion: {latents.source} encodes {'x'.join(map(str, image_shape(cfg.data)))} images "
-                 f"to {'x'.join(map(str, latents.shape))} latents (scale {latents.scale:.4f}; the scaled "
-                 f"latents' std on {len(eval_data.images)} held-out images: {eval_data.images.std():.3f})")
-        if cfg.autoencoder.cache_latents:
-            if cfg.data.hflip:
-                log.warning("data.hflip is not applied to cached latents (autoencoder.cache_latents=true): "
-                            "a flipped latent is not the latent of a flipped image")
-            train_data = cached_latents(latents, train_data, tc.batch_size)
-    trainer = TrainStep(cfg, device, train_data, latents, encoded=cfg.autoencoder.cache_latents and latents is not None)
-    model, ema, schedule = trainer.model, trainer.ema, trainer.schedule
+    space = spaces.run_space(cfg, state, device)
+    eval_data = eval_data._replace(images=space.held_out(eval_data.images, tc.batch_size))
+    if space.label:
+        log.info(space.describe(eval_data.images))
+    training = space.training(train_data, cfg)
+    trainer = TrainStep(cfg, device, training, space)
+    task, model, ema = trainer.task, trainer.model, trainer.ema
     sampling_model = ema.model if ema else model  # what evaluation, grids and quality look at
     start_step = 0
     if state is not None:
@@ -225,20 +181,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         log.info(f"resuming {cfg.resume} from step {start_step}" + (
             "" if checkpoint.continues_in_place(cfg.resume, run_dir) else
             f" in a new run dir: {origin} is left as it is"))
-    prompts = None
-    if trainer.captions is not None:  # held-out images are evaluated with their first caption
-        prompts = grid_prompts(cfg.data, eval_data)
-        eval_data = eval_data._replace(labels=trainer.captions.first(eval_data.labels).cpu())
-    if trainer.autoencoding:
-        evaluator = ReconstructionEvaluator(eval_data.head(tc.num_eval_images), cfg)
-        scale_images = first_images(train_data, cfg.autoencoder.scale_images) if main_rank else None
-    else:
-        evaluator = Evaluator(eval_data.head(tc.num_eval_images), schedule, tc.batch_size, tc.seed, prompts, latents)
-    name = f"autoencoder {cfg.autoencoder.kind}" if trainer.autoencoding else f"model {cfg.model.kind}"
-    log.info(f"{name}: {sum(p.numel() for p in model.parameters()):,} parameters; "
+    task.start_evaluation(eval_data, training.split)
+    log.info(f"{task.name}: {sum(p.numel() for p in model.parameters()):,} parameters; "
              f"{len(trainer.batches):,} training images of shape {image_shape(cfg.data)}"
-             + (", streamed" if isinstance(train_data.images, RowFile) else "")
-             + (f", learned as {'x'.join(map(str, latents.shape))} latents" if latents is not None else ""))
+             + (", streamed" if isinstance(training.split.images, RowFile) else "")
+             + (f", learned as {space.label}" if space.label else ""))
 
     metrics_file = open(run_dir / "metrics.jsonl", "a") if main_rank else nullcontext()
     trackers = Trackers(cfg, run_dir, start_step) if main_rank else nullcontext()
@@ -277,11 +224,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 progress.set_postfix(loss=f"{loss:.4f}")
             work_started = time.perf_counter()
             if main_rank:
-                if trainer.autoencoding:
-                    grids = evaluate_autoencoder(record, step, trainer, evaluator, scale_images, cfg,
-                                                 run_dir, checkpoint_due or stopping)
-                else:
-                    grids = evaluate(record, step, sampling_model, schedule, evaluator, cfg, run_dir, eval_data)
+                grids = task.evaluate(record, step, sampling_model, run_dir, checkpoint_due or stopping)
                 log_record(record, step, metrics_file, result, run_dir)
                 trackers.log(step, record, grids)
             if checkpoint_due or stopping:
@@ -301,37 +244,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         result.update(steps=tc.max_steps, wall_s=time.perf_counter() - started)
         if main_rank:
             trackers.finish(result)
-    if not main_rank:
-        return result
-    if trainer.autoencoding:
-        log.info(f"wrote {run_dir}: checkpoints/last.pt, reconstructions/step_{tc.max_steps:07d}.png, "
-                 f"metrics.jsonl, loss.png, psnr.png ({psnr_line(result)}, latent scale {result['latent_scale']:.4f}, "
-                 f"{result['wall_s']:.0f} s). Latent diffusion: diffusion-train autoencoder.ckpt={run_dir} ...")
-        return result
-    plots.denoising(sampling_model, schedule, cfg, run_dir / "denoising.png", prompts, latents)
-    last = f"samples/step_{tc.max_steps:07d}.png"
-    log.info(f"wrote {run_dir}: checkpoints/last.pt, {last}, metrics.jsonl, loss.png, "
-             f"loss_by_t.png, denoising.png (loss {result['loss']:.4f}, eval_loss "
-             f"{result['eval_loss']:.4f}, {result['wall_s']:.0f} s)")
-    quality_line = ", ".join(f"{key} {result[key]:.4f}" for key in QUALITY_KEYS if key in result)
-    if quality_line:
-        log.info(f"quality ({tc.num_quality_images} images, DDIM {QUALITY_SAMPLER.steps} steps): {quality_line}")
+    if main_rank:
+        task.finish(sampling_model, result, run_dir)
     return result
-
-
-def evaluate_autoencoder(record: dict, step: int, trainer: TrainStep, evaluator: ReconstructionEvaluator,
-                         scale_images: torch.Tensor, cfg: DictConfig, run_dir: Path, checkpoint_due: bool) -> dict:
-    """task=autoencoder's periodic work: the latent scale before each checkpoint (which stores it),
-    the held-out loss and PSNR, and the reconstruction grid (originals over reconstructions)."""
-    tc, model = cfg.trainer, trainer.ema.model if trainer.ema else trainer.model
-    with autocast(trainer.device, tc.precision):
-        if checkpoint_due:
-            trainer.latent = latent_statistics(model, scale_images, cfg.autoencoder.shift, tc.batch_size)
-        if due(step, tc.eval_every, tc.max_steps):
-            record.update(evaluator.measure(model, trainer.latent))
-        if due(step, tc.sample_every, tc.max_steps):
-            return {"reconstructions": evaluator.grid(model, run_dir / "reconstructions" / f"step_{step:07d}.png")}
-    return {}
 
 
 def log_record(record: dict, step: int, metrics_file, result: dict, run_dir: Path) -> None:

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import run_in_process
-from diffusion_cli.autoencoder import LatentSpace, latent_statistics
+from diffusion_cli.autoencoder import latent_statistics
+from diffusion_cli.spaces import LatentSpace
 from diffusion_cli.models.autoencoder import AutoencoderKL, kl_divergence, psnr
 from diffusion_cli.objectives import autoencoder_loss
 

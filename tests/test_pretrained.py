@@ -150,7 +150,7 @@ def save_tiny_vae(path, seed: int = 0):
 
 
 def test_a_pretrained_autoencoder_uses_its_own_scale_and_shift(tmp_path):
-    from diffusion_cli.autoencoder import pretrained_latent_space
+    from diffusion_cli.spaces import pretrained_latent_space
 
     vae_dir = save_tiny_vae(tmp_path / "vae")
     latents = pretrained_latent_space(str(vae_dir), None, (3, 8, 8))

@@ -8,7 +8,8 @@ import torch
 from omegaconf import OmegaConf
 
 from diffusion_cli.models import MLP
-from diffusion_cli.samplers import SAMPLERS, sample, sample_images, sampler_from_config
+from diffusion_cli.generation import sample_images
+from diffusion_cli.samplers import SAMPLERS, sample, sampler_from_config
 from diffusion_cli.samplers.euler import Euler
 from diffusion_cli.schedule import NoiseSchedule
 

@@ -160,7 +160,7 @@ def test_ddim_single_steps_match_diffusers_at_eta_1():
 
 def test_ddim_gives_the_same_images_whatever_the_batch_split():
     from omegaconf import OmegaConf
-    from diffusion_cli.samplers import sample_images
+    from diffusion_cli.generation import sample_images
     s, model = NoiseSchedule(T=100), tiny_model(shape=(1, 3, 5))
     cfg = OmegaConf.create(dict(kind="ddim", steps=10, eta=0.0, clip_x0=True))
     whole = sample_images(model, s, cfg, (41, 1, 3, 5), batch_size=41, seed=1)
@@ -206,7 +206,7 @@ def test_respaced_ddpm_starts_at_the_last_timestep_for_any_number_of_steps(steps
 
 def test_sample_images_never_draws_more_than_a_batch_of_noise(monkeypatch):
     from omegaconf import OmegaConf
-    from diffusion_cli.samplers import sample_images
+    from diffusion_cli.generation import sample_images
     largest, randn = [0], torch.randn
 
     def recording(*args, **kwargs):

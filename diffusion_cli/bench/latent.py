@@ -8,14 +8,15 @@ from omegaconf import OmegaConf
 
 from ..data import Split, make_gradients
 from ..evaluate import QUALITY_SAMPLER
-from ..samplers import sample_images
+from ..generation import sample_images
 from .timing import compose_train, interleaved, spread, table, timed
 
 SIZE = 64
 
 
 def bench_latent(device: torch.device, repeats: int, steps: int, quick: bool = False) -> str:
-    from ..autoencoder import LatentSpace, build_autoencoder, encode_all, latent_statistics
+    from ..autoencoder import build_autoencoder, latent_statistics
+    from ..spaces import LatentSpace, PixelSpace, Training, encode_all, unchanged
     from ..train import TrainStep
 
     batch, count = (8, 8) if quick else (64, 512)
@@ -29,9 +30,11 @@ def bench_latent(device: torch.device, repeats: int, steps: int, quick: bool = F
     encode_s = timed(lambda: encode_all(latents, images, batch), device)
     encoded = encode_all(latents, images, batch)
 
-    trainers = {"pixel": TrainStep(cfg, device, Split(images, None)),
-                "latent, cached": TrainStep(cfg, device, Split(encoded, None), latents, encoded=True),
-                "latent, encoded per batch": TrainStep(cfg, device, Split(images, None), latents)}
+    pixels = PixelSpace((3, SIZE, SIZE))
+    trainers = {"pixel": TrainStep(cfg, device, Training(Split(images, None), unchanged, False), pixels),
+                "latent, cached": TrainStep(cfg, device, Training(Split(encoded, None), unchanged, True), latents),
+                "latent, encoded per batch": TrainStep(cfg, device, Training(Split(images, None), latents.encode,
+                                                                             False), latents)}
     counters = {name: iter(range(1, 10 ** 9)) for name in trainers}
     seconds = interleaved({name: lambda name=name: [trainers[name](next(counters[name])) for _ in range(steps)]
                            for name in trainers}, repeats, device)
@@ -39,13 +42,13 @@ def bench_latent(device: torch.device, repeats: int, steps: int, quick: bool = F
 
     sampler = OmegaConf.merge(QUALITY_SAMPLER, {"steps": 2 if quick else QUALITY_SAMPLER.steps})
     draw = {name: (lambda model=trainers[name].model, space=space: sample_images(
-        model, trainers["pixel"].schedule, sampler, (batch, *(space.shape if space else (3, SIZE, SIZE))),
-        batch_size=batch, seed=0, latents=space)) for name, space in (("pixel", None), ("latent, cached", latents))}
+        model, trainers["pixel"].task.schedule, sampler, (batch, *space.shape),
+        batch_size=batch, seed=0, space=space)) for name, space in (("pixel", pixels), ("latent, cached", latents))}
     sampling = interleaved(draw, max(1, repeats // 2), device)
 
     rows = []
     for name, trainer in trainers.items():
-        shape = "x".join(map(str, latents.shape if trainer.latents else (3, SIZE, SIZE)))
+        shape = "x".join(map(str, trainer.task.space.shape))
         ratio = [s / p for s, p in zip(per_s[name], per_s["pixel"])]
         sampled = sampling.get(name)
         rows.append([name, shape, spread(per_s[name]), spread(ratio, 2),

@@ -19,7 +19,7 @@ def bench_train(device: torch.device, repeats: int, steps: int, models: list[str
         cfg = train_config(kind, device, [f"trainer.precision={precision}"])
         images = torch.rand(4096, 1, 28, 28)  # stored as floats in [0, 1]
         step = TrainStep(cfg, device, Split(images, torch.zeros(4096, dtype=torch.long)))
-        model, schedule = step.model, step.schedule
+        model, schedule = step.model, step.task.schedule
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.trainer.lr, fused=True)
         generator = torch.Generator(device).manual_seed(1)
         x0 = to_model_range(step.batches.images[:BATCH])

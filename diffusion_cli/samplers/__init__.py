@@ -1,6 +1,6 @@
-"""The samplers, one module each (samplers/base.py has the contract and the one loop), and the two
-ways in: `sample` (a batch, the public API) and `sample_images` (many images in batches, what
-training grids, quality metrics, diffusion-sample and the benchmarks call)."""
+"""The samplers, one module each (samplers/base.py has the contract and the one loop), and
+`sample`, the public way in: a batch of x_T to samples (generation.sample_images draws many images
+in batches through it)."""
 
 import importlib
 import pkgutil
@@ -8,10 +8,8 @@ from dataclasses import fields, replace
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..guidance import guided
-from ..images import to_unit
 from ..runtime import eval_mode
 from ..schedule import NoiseSchedule
 from .base import REGISTRY, Sampler, draw, randn
@@ -78,43 +76,3 @@ def sample(model: nn.Module, schedule: NoiseSchedule, shape, *, sampler: str | S
                       generator=generator, progress=options.get("progress", False),
                       trajectory=options.get("return_all_steps", False))
     return result if options.get("return_all_steps") or not options.get("clamp", True) else result.clamp(-1, 1)
-
-
-def class_rows(num_classes: int, per_class: int) -> torch.Tensor:
-    """Labels for a grid with one row per class: per_class 0s, then per_class 1s, ..."""
-    return torch.arange(num_classes).repeat_interleave(per_class)
-
-
-def image_seeds(seed: int, count: int) -> list[int]:
-    """The seed of each image's initial noise in sample_images."""
-    return torch.randint(2 ** 62, (count,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def sample_images(model: nn.Module, schedule: NoiseSchedule, sampler_cfg, shape, *, batch_size: int,
-                  seed: int, labels: torch.Tensor | None = None, guidance_scale: float = 1.0,
-                  negative: torch.Tensor | None = None, latents=None, progress: bool = False) -> torch.Tensor:
-    """`shape[0]` images in [0, 1] on the CPU, drawn `batch_size` at a time with the sampler config.
-    `labels` (N,) for a class-conditional model, (N, L) caption tokens for a text-conditioned one;
-    `negative` (N, L) a negative prompt's tokens. With `latents` (a LatentSpace) the model draws
-    latents of `shape`, never clipped, which are decoded to images.
-    Training grids, quality metrics and diffusion-sample all draw through here.
-
-    All noise is drawn on the model's device, one batch at a time: image i's initial noise from
-    a generator seeded with the i-th seed that `seed` gives, so deterministic samplers (DDIM,
-    eta 0) give the same image for the same seed whatever batch_size splits the work; the
-    stochastic steps' noise continues that generator. The same seed gives the same images on
-    the same kind of device; a GPU's generator differs from the CPU's, so their images do too."""
-    device = model_device(model, schedule)
-    seeds = image_seeds(seed, shape[0])
-    generator = torch.Generator(device)
-    chunks, batches = [], range(0, shape[0], batch_size)
-    sampler = sampler_from_config(sampler_cfg, **({"clip_x0": False} if latents is not None else {}))
-    for start in tqdm(batches, desc="batches", disable=not progress or len(batches) == 1):
-        x_T = torch.stack([torch.randn(tuple(shape[1:]), generator=generator.manual_seed(s), device=device)
-                           for s in seeds[start:start + batch_size]])
-        chunk = sample(model, schedule, x_T.shape, sampler=sampler, generator=generator, x_T=x_T,
-                       progress=progress, clamp=latents is None, guidance_scale=guidance_scale,
-                       labels=None if labels is None else labels[start:start + batch_size],
-                       negative=None if negative is None else negative[start:start + batch_size])
-        chunks.append(to_unit(chunk if latents is None else latents.decode(chunk)).cpu())
-    return torch.cat(chunks)

@@ -1,0 +1,137 @@
+"""What a training run learns, as two tasks that share one loop (train.py): the denoiser of
+diffusion (in the run's space, on its condition) and the KL autoencoder of latent diffusion
+(task=autoencoder). A task builds its model, gives the loss of a batch, does its periodic
+evaluation, adds its entries to the checkpoint and says what the run wrote."""
+
+import logging
+from functools import partial
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from . import plots
+from .autoencoder import ReconstructionEvaluator, build_autoencoder, first_images, latent_statistics, psnr_line
+from .data import Split
+from .data.captions import CaptionTable
+from .evaluate import QUALITY_SAMPLER, Evaluator, due, evaluate
+from .metrics import QUALITY_KEYS
+from .models import build_model, is_conditional, pretrained, text_config, text_encoder
+from .models.text_encoder import tokenize
+from .objectives import autoencoder_loss, training_loss
+from .prompts import grid_prompts
+from .runtime import autocast, use_channels_last
+from .schedule import NoiseSchedule
+from .spaces import Space, Training
+
+log = logging.getLogger(__name__)
+
+
+class DenoiserTask:
+    """task=diffusion: a denoiser of the `model` config in the run's space; batches enter the space
+    (`training.encode`), captions are drawn into tokens, and a conditional model sees the null
+    condition with the dropout probability that guidance needs."""
+
+    def __init__(self, cfg: DictConfig, device: torch.device, space: Space, training: Training):
+        self.cfg, self.device, self.space, self.encode = cfg, device, space, training.encode
+        self.model = use_channels_last(build_model(cfg.model, space.shape, text_config(cfg)).to(device))
+        # Captioned data: batches carry caption groups, drawn into tokens here; the empty caption
+        # replaces data.caption_dropout of them, as the null label does for classes.
+        text = text_encoder(self.model)
+        self.captions = CaptionTable(training.split.captions, partial(tokenize, text), device) if text else None
+        self.null = self.model.text.null(1, self.captions.tokens.shape[1]) if text else None
+        self.cond_drop_prob = cfg.data.caption_dropout if text else cfg.trainer.cond_drop_prob
+        self.schedule = NoiseSchedule.from_config(cfg.schedule).to(device)
+        self.labelled = is_conditional(self.model)
+        self.name = f"model {cfg.model.kind}"
+
+    def loss(self, network, batch, generator: torch.Generator) -> torch.Tensor:
+        images, labels = batch
+        images = self.encode(images)
+        if self.captions is not None:
+            labels = self.captions.draw(labels, generator)
+        with autocast(self.device, self.cfg.trainer.precision):
+            return training_loss(network, self.schedule, images, generator, labels=labels,
+                                 cond_drop_prob=self.cond_drop_prob, loss_weighting=self.cfg.trainer.loss_weighting,
+                                 prediction=self.model.prediction, num_classes=self.model.num_classes,
+                                 null=self.null)
+
+    def start_evaluation(self, eval_data: Split, train_data: Split) -> None:
+        """The held-out images in the space; captioned ones are evaluated with their first caption."""
+        tc = self.cfg.trainer
+        self.prompts = None
+        if self.captions is not None:
+            self.prompts = grid_prompts(self.cfg.data, eval_data)
+            eval_data = eval_data._replace(labels=self.captions.first(eval_data.labels).cpu())
+        self.eval_data = eval_data
+        self.evaluator = Evaluator(eval_data.head(tc.num_eval_images), self.schedule, tc.batch_size, tc.seed,
+                                   self.prompts, self.space)
+
+    def evaluate(self, record: dict, step: int, model, run_dir: Path, checkpoint_due: bool) -> dict:
+        return evaluate(record, step, model, self.schedule, self.evaluator, self.cfg, run_dir, self.eval_data)
+
+    def state(self) -> dict:
+        """The space's entry of a denoiser's checkpoint: a latent one embeds its autoencoder."""
+        space = self.space.state()
+        return {} if space is None else {"autoencoder": space}
+
+    def finish(self, model, result: dict, run_dir: Path) -> None:
+        tc = self.cfg.trainer
+        plots.denoising(model, self.schedule, self.cfg, run_dir / "denoising.png", self.prompts, self.space)
+        log.info(f"wrote {run_dir}: checkpoints/last.pt, samples/step_{tc.max_steps:07d}.png, metrics.jsonl, "
+                 f"loss.png, loss_by_t.png, denoising.png (loss {result['loss']:.4f}, eval_loss "
+                 f"{result['eval_loss']:.4f}, {result['wall_s']:.0f} s)")
+        quality_line = ", ".join(f"{key} {result[key]:.4f}" for key in QUALITY_KEYS if key in result)
+        if quality_line:
+            log.info(f"quality ({tc.num_quality_images} images, DDIM {QUALITY_SAMPLER.steps} steps): {quality_line}")
+
+
+class AutoencoderTask:
+    """task=autoencoder: the KL autoencoder of the `autoencoder` config, with its reconstruction,
+    KL and (optional) LPIPS loss; at each checkpoint the latent scale that latent diffusion uses."""
+
+    def __init__(self, cfg: DictConfig, device: torch.device, space: Space, training: Training):
+        self.cfg, self.device = cfg, device
+        self.model = use_channels_last(build_autoencoder(cfg.autoencoder, cfg.data).to(device))
+        self.perceptual_weight = cfg.autoencoder.get("perceptual_weight", 0)
+        self.lpips = pretrained.lpips_vgg().to(device) if self.perceptual_weight > 0 else None
+        self.latent = None  # measured at each checkpoint
+        self.labelled = False
+        self.name = f"autoencoder {cfg.autoencoder.kind}"
+
+    def loss(self, network, batch, generator: torch.Generator) -> torch.Tensor:
+        ae = self.cfg.autoencoder
+        with autocast(self.device, self.cfg.trainer.precision):
+            return autoencoder_loss(network, batch[0], generator, ae.loss, ae.kl_weight, self.lpips,
+                                    self.perceptual_weight)
+
+    def start_evaluation(self, eval_data: Split, train_data: Split) -> None:
+        from . import runtime
+
+        self.evaluator = ReconstructionEvaluator(eval_data.head(self.cfg.trainer.num_eval_images), self.cfg)
+        self.scale_images = first_images(train_data, self.cfg.autoencoder.scale_images) if runtime.is_main() else None
+
+    def evaluate(self, record: dict, step: int, model, run_dir: Path, checkpoint_due: bool) -> dict:
+        """The latent scale before each checkpoint (which stores it), the held-out loss and PSNR,
+        and the reconstruction grid (originals over reconstructions)."""
+        tc = self.cfg.trainer
+        with autocast(self.device, tc.precision):
+            if checkpoint_due:
+                self.latent = latent_statistics(model, self.scale_images, self.cfg.autoencoder.shift, tc.batch_size)
+            if due(step, tc.eval_every, tc.max_steps):
+                record.update(self.evaluator.measure(model, self.latent))
+            if due(step, tc.sample_every, tc.max_steps):
+                return {"reconstructions": self.evaluator.grid(model, run_dir / "reconstructions" / f"step_{step:07d}.png")}
+        return {}
+
+    def state(self) -> dict:
+        """What latent diffusion scales its latents by."""
+        return {} if self.latent is None else {"latent": self.latent}
+
+    def finish(self, model, result: dict, run_dir: Path) -> None:
+        log.info(f"wrote {run_dir}: checkpoints/last.pt, reconstructions/step_{self.cfg.trainer.max_steps:07d}.png, "
+                 f"metrics.jsonl, loss.png, psnr.png ({psnr_line(result)}, latent scale {result['latent_scale']:.4f}, "
+                 f"{result['wall_s']:.0f} s). Latent diffusion: diffusion-train autoencoder.ckpt={run_dir} ...")
+
+
+TASKS = {"diffusion": DenoiserTask, "autoencoder": AutoencoderTask}
