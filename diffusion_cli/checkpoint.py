@@ -80,7 +80,13 @@ def read(path: str | Path, map_location="cpu", key: str = "ckpt") -> dict:
 def migrated(config: dict) -> dict:
     """A saved config in today's form; every change of the config's shape is undone here, once.
     - Before each schedule kind had keys of its own, cosine and edm kept beta_start and beta_end
-      (null): dropped."""
+      (null): dropped.
+    - data.caption_dropout was the captions' own dropout: it is trainer.cond_drop_prob now."""
+    data, trainer = config.get("data", {}), config.get("trainer", {})
+    if "caption_dropout" in data:
+        dropout = data.pop("caption_dropout")
+        if data.get("captions", "none") != "none":
+            trainer["cond_drop_prob"] = dropout
     schedule = config.get("schedule", {})
     if schedule.get("kind") in SCHEDULES:
         keep = {"kind"} | {f.name for f in fields(SCHEDULES[schedule["kind"]])}

@@ -45,7 +45,6 @@ class DataConfig:
     classes: Optional[List[str]] = None     # filled in by training from the data: the class names
     captions: str = "none"                  # captions (data/captions.py); documented in the data YAMLs
     caption_column: str = "text"
-    caption_dropout: float = 0.1
     missing_captions: str = "empty"
     caption_templates: List[str] = field(default_factory=lambda: [
         "{name}", "a {name}", "a picture of a {name}", "a photo of a {name}"])
@@ -263,6 +262,10 @@ def option_keys(group: str, option: str) -> set[str]:
     return keys
 
 
+# Keys that moved: old name -> new name (checkpoint.migrated moves them in saved configs).
+MOVED = {"data.caption_dropout": "trainer.cond_drop_prob"}
+
+
 def other_kinds_key(message: str) -> str | None:
     """For Hydra's error on a key that the chosen option of its group lacks, the one line naming
     the options that have it (None where no option has it)."""
@@ -272,6 +275,9 @@ def other_kinds_key(message: str) -> str | None:
     if not match or "not in" not in message:
         return None
     group, key = match.groups()
+    if f"{group}.{key}" in MOVED:
+        return (f"{group}.{key} is now {MOVED[group + '.' + key]} (one key for class labels and captions): "
+                f"use {MOVED[group + '.' + key]}=...")
     have = [option for option in group_options(group).split("|") if key in option_keys(group, option)] \
         if group_options(group) else []
     if not have:
@@ -311,7 +317,6 @@ RULES = [
     ("data.image_size", lambda v: v is None or v >= 1, "an integer >= 1, e.g. 32 or 64"),
     ("data.labels", *_one_of(("none", "subfolders"))),
     ("data.captions", *_one_of(("none", "auto", *CAPTION_FORMATS, "labels"))),
-    ("data.caption_dropout", lambda v: 0 <= v < 1, "a probability from 0 to below 1, e.g. 0.1"),
     ("data.missing_captions", *_one_of(("empty", "skip"))),
     ("task", *_one_of(("diffusion", "autoencoder"))),
     ("autoencoder.kind", *_one_of(("kl", "diffusers"))),

@@ -7,8 +7,6 @@ from omegaconf import DictConfig, OmegaConf
 from .data import Split
 from .images import save_grid, to_unit
 from .metrics import quality_metric, sample_quality
-from .models import is_conditional
-from .prompts import sample_conditions
 from .runtime import autocast, eval_mode
 from .generation import sample_images
 from .schedule import NoiseSchedule
@@ -24,13 +22,12 @@ QUALITY_SAMPLER = OmegaConf.create({"kind": "ddim", "steps": 50, "eta": 0.0, "cl
 class Evaluator:
     """The held-out loss (unweighted MSE in the model's prediction) at fixed timesteps and noise,
     so numbers are comparable across steps; conditional models see the images' own conditions
-    (labels, or caption tokens). `prompts`: what a text model's grids and quality draw. data.images
-    are in the run's `space` (latents, for latent diffusion), and the grids decode them."""
+    (as the run's `condition` reads them); the grids and quality metrics draw what it says.
+    data.images are in the run's `space` (latents, for latent diffusion), and the grids decode them."""
 
-    def __init__(self, data: Split, schedule: NoiseSchedule, batch_size: int, seed: int,
-                 prompts: list[str] | None, space):
+    def __init__(self, data: Split, schedule: NoiseSchedule, batch_size: int, seed: int, condition, space):
         generator = torch.Generator().manual_seed(seed)
-        self.images, self.labels, self.prompts, self.space = data.images, data.labels, prompts, space
+        self.images, self.labels, self.condition, self.space = data.images, data.labels, condition, space
         # Timesteps spread evenly over 0..T-1, one per image; noise fixed once.
         self.t = torch.linspace(0, schedule.T - 1, len(self.images)).round().long()
         self.noise = torch.randn(self.images.shape, generator=generator)
@@ -47,7 +44,7 @@ class Evaluator:
                 x0, t, noise = (v[start:start + self.batch_size].to(device)
                                 for v in (self.images, self.t, self.noise))
                 labels = None
-                if is_conditional(model):
+                if self.condition.labelled:
                     labels = self.labels[start:start + self.batch_size].to(device)
                 output = model(self.schedule.q_sample(x0, t, noise), t, labels)
                 target = self.schedule.target(x0, t, noise, model.prediction)
@@ -60,12 +57,13 @@ class Evaluator:
 
 
 @torch.inference_mode()
-def reconstructions(model, schedule: NoiseSchedule, data: Split, seed: int, clamp: bool = True) -> torch.Tensor:
+def reconstructions(model, schedule: NoiseSchedule, data: Split, seed: int, labelled: bool, clamp: bool = True
+                    ) -> torch.Tensor:
     """Rows: the clean images, then for each t in RECONSTRUCTION_TIMES x_t and the model's x0
     estimate (clipped to [-1, 1] with `clamp`: in a space that clips). Returns the rows stacked."""
     device = schedule.betas.device
     x0 = data.images.to(device)
-    labels = data.labels.to(device) if is_conditional(model) else None
+    labels = data.labels.to(device) if labelled else None
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(device)
     rows = [x0]
     with eval_mode(model):
@@ -80,13 +78,13 @@ def reconstructions(model, schedule: NoiseSchedule, data: Split, seed: int, clam
 def write_grids(model, schedule, cfg, step: int, run_dir, eval_data: Split, evaluator: Evaluator) -> dict:
     """The sample grid (fixed seed, so grids are comparable across steps; one row per class or
     prompt for a conditional model) and the reconstruction grid; returns their paths by name."""
-    space = evaluator.space
-    labels, _, nrow, titles = sample_conditions(model, cfg.data, evaluator.prompts, cfg.trainer.num_grid_images, grid=True)
+    space, drawn = evaluator.space, evaluator.condition.rows(cfg.trainer.num_grid_images)
+    labels, nrow, titles = drawn.conditions, drawn.nrow, drawn.titles
     count = len(labels) if labels is not None else cfg.trainer.num_grid_images
     samples = sample_images(model, schedule, cfg.sampler, (count, *space.shape), batch_size=cfg.trainer.batch_size,
                             seed=cfg.trainer.seed, labels=labels, space=space)
     shown = eval_data.head(8)
-    rows = reconstructions(model, schedule, shown, cfg.trainer.seed, clamp=space.clip)
+    rows = reconstructions(model, schedule, shown, cfg.trainer.seed, evaluator.condition.labelled, clamp=space.clip)
     return {"samples": save_grid(samples, run_dir / "samples" / f"step_{step:07d}.png", nrow,
                                  row_titles=titles),
             "reconstructions": save_grid(to_unit(space.decode(rows)),
@@ -98,7 +96,7 @@ def quality(model, schedule: NoiseSchedule, cfg: DictConfig, evaluator: Evaluato
     """The data's quality metrics on trainer.num_quality_images samples drawn with QUALITY_SAMPLER
     from a fixed seed (the classes or prompts in turn for a conditional model, no guidance)."""
     count = cfg.trainer.num_quality_images
-    conditions, classes, _, _ = sample_conditions(model, cfg.data, evaluator.prompts, count)
+    conditions, classes = evaluator.condition.each(count)[:2]
     sampler = OmegaConf.merge(QUALITY_SAMPLER, {"steps": min(QUALITY_SAMPLER.steps, schedule.T)})
     images = sample_images(model, schedule, sampler, (count, *evaluator.space.shape),
                            batch_size=cfg.trainer.batch_size, seed=cfg.trainer.seed, labels=conditions,

@@ -125,7 +125,7 @@ QUALITY_METRICS = {
 
 
 def quality_metric(data_cfg):
-    """The in-project quality metric of the data's kind, or None (FID tools take over: see README)."""
+    """The in-project quality metric of the data's kind, or None (FID tools take over: see docs/guide/sampling.md)."""
     return QUALITY_METRICS.get(DATASETS[data_cfg.kind].quality)
 
 

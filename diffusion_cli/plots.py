@@ -13,7 +13,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from .atomic import atomic_write  # noqa: E402
-from .prompts import sample_conditions  # noqa: E402
 from .samplers import model_device, sample, sampler_from_config  # noqa: E402
 
 
@@ -67,13 +66,13 @@ def training_curves(run_dir: Path) -> None:
     save(figure, run_dir / "loss_by_t.png")
 
 
-def denoising(model, schedule, cfg, path: Path, prompts: list[str] | None, space,
+def denoising(model, schedule, cfg, path: Path, condition, space,
               count: int = 8, columns: int = 10) -> None:
     """The reverse process of `count` samples (rows) with the training grids' sampler, at
-    `columns` evenly spaced steps from x_T to the final sample; classes or `prompts` in turn;
-    each state decoded from the run's space."""
+    `columns` evenly spaced steps from x_T to the final sample; the run's classes or prompts in
+    turn; each state decoded from the run's space."""
     sampler = sampler_from_config(cfg.sampler, clip_x0=cfg.sampler.clip_x0 and space.clip)
-    labels = sample_conditions(model, cfg.data, prompts, count)[0]
+    labels = condition.each(count).conditions
     generator = torch.Generator(model_device(model, schedule)).manual_seed(cfg.trainer.seed)
     trajectory = sample(model, schedule, (count, *space.shape),
                         sampler=sampler, generator=generator, return_all_steps=True, labels=labels)

@@ -1,6 +1,6 @@
-"""The conditions images are drawn with: the classes of a class-conditional model, the prompts of a
-text-conditioned one (training's grids and quality metrics; diffusion-sample's prompt=,
-prompts_file= and negative_prompt=)."""
+"""Prompts as text: those of training's grids (from the data's captions or class names), the class
+a prompt names, and diffusion-sample's prompt= and prompts_file= (conditions.Captions turns them
+into tokens)."""
 
 from pathlib import Path
 
@@ -10,8 +10,6 @@ from omegaconf import ListConfig
 from .data import Split, class_names
 from .data.captions import templated
 from .errors import UserError
-from .models import text_encoder
-from .models.text_encoder import tokenize
 
 
 def class_prompts(data_cfg) -> list[str]:
@@ -45,23 +43,6 @@ def prompt_classes(prompts: list[str], data_cfg) -> torch.Tensor | None:
     if not all(prompt in known for prompt in prompts):
         return None
     return torch.tensor([known[prompt] for prompt in prompts])
-
-
-def sample_conditions(model, data_cfg, prompts: list[str] | None, count: int, grid: bool = False):
-    """The conditions of `count` images: the classes of a class-conditional model or the prompts
-    of a text one, in turn, or with grid=True in rows of ceil(count / n) images each. Returns
-    (conditions or None, the class each image shows or None, images per row, row titles)."""
-    n = model.num_classes or (len(prompts) if prompts and text_encoder(model) is not None else 0)
-    if not n:
-        return None, None, 0, None
-    per_row = -(-count // n)
-    which = torch.arange(n).repeat_interleave(per_row) if grid else torch.arange(count) % n
-    if model.num_classes:
-        names = list(data_cfg.get("classes") or [])
-        return which, which, per_row, [names[k] if k < len(names) else str(k) for k in range(n)]
-    classes = prompt_classes(prompts, data_cfg)
-    tokens = tokenize(text_encoder(model), prompts, "prompts")
-    return tokens[which], None if classes is None else classes[which], per_row, list(prompts)
 
 
 def read_prompts(cfg) -> list[str] | None:

@@ -12,17 +12,15 @@ from omegaconf import DictConfig
 from . import checkpoint
 from .atomic import atomic_write
 from .cli import console_script, run_task
+from .conditions import condition_of
 from .config import check_sampler_steps
 from .errors import UserError
+from .generation import image_seeds, sample_images
 from .images import save_each, save_grid
 from .metrics import quality_metric, sample_quality
-from .models import text_encoder
-from .spaces import checkpoint_space
-from .models.text_encoder import tokenize
-from .prompts import read_prompts, sample_conditions
 from .runtime import autocast, compiled, resolve_device
-from .generation import class_rows, image_seeds, sample_images
 from .samplers import sample
+from .spaces import checkpoint_space
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +39,7 @@ def sample_from_checkpoint(cfg: DictConfig, run_dir: Path) -> dict:
                         f"use save_images=true and compute FID on the images/ folder with an "
                         f"external tool (clean-fid, torch-fidelity)")
     shape = space.shape
-    labels, shown_classes, nrow, titles, negative, prompts = requested_conditions(cfg, model, train_cfg.data)
+    labels, shown_classes, nrow, titles, negative, prompts = condition_of(model, train_cfg.data).requested(cfg)
     count = len(labels) if labels is not None else cfg.num_samples
     steps = cfg.sampler.steps or schedule.T
     batch = min(count, cfg.batch_size)
@@ -90,38 +88,6 @@ def sample_from_checkpoint(cfg: DictConfig, run_dir: Path) -> dict:
             "sampling_s": sampling_s}
 
 
-def requested_conditions(cfg: DictConfig, model, data_cfg: DictConfig):
-    """What to draw: (conditions (class indices or caption tokens) or None, the class each image
-    shows or None, images per grid row, row titles, the negative prompt's tokens or None, each
-    image's prompt or None), from label=, or prompt=/prompts_file= and negative_prompt=."""
-    text, prompts = text_encoder(model), read_prompts(cfg)
-    if text is None:
-        if prompts or cfg.negative_prompt is not None:
-            trained = "class labels: use label=K" if model.num_classes else "nothing: drop prompt="
-            raise UserError(f"prompt= needs a model trained on captions (data.captions=...), but "
-                            f"{cfg.ckpt} is conditioned on {trained}")
-        classes = list(data_cfg.get("classes") or [])
-        labels, nrow = requested_labels(cfg, model.num_classes, classes)
-        titles = [classes[k] if k < len(classes) else str(k) for k in range(model.num_classes)] \
-            if cfg.label == "all" else None
-        return labels, labels, nrow, titles, None, None
-    if cfg.label is not None:
-        raise UserError(f"label={cfg.label} is for class-conditional models; {cfg.ckpt} was trained on "
-                        f"captions: use prompt=\"...\" (or prompts_file=)")
-    if prompts is None:
-        if cfg.guidance_scale != 1.0 or cfg.negative_prompt is not None:
-            raise UserError("guidance_scale and negative_prompt need a prompt: add prompt=\"...\"")
-        return None, None, cfg.nrow, None, None, None
-    tokens, classes, per_prompt, titles = sample_conditions(model, data_cfg, prompts, cfg.num_samples, grid=True)
-    if len(prompts) == 1:  # one prompt: a square grid, like unconditional samples
-        per_prompt, titles = cfg.nrow, None
-    negative = None
-    if cfg.negative_prompt is not None:
-        negative = tokenize(text, [cfg.negative_prompt], "negative prompts").expand(len(tokens), -1)
-    each = [prompts[i // (len(tokens) // len(prompts))] for i in range(len(tokens))]
-    return tokens, classes, per_prompt, titles, negative, each
-
-
 def write_prompts_file(path: Path, prompts: list[str], seeds: list[int], cfg: DictConfig) -> None:
     """prompts.jsonl: for each PNG of images/, its prompt and the seed of its initial noise."""
     with atomic_write(path) as file:
@@ -129,30 +95,6 @@ def write_prompts_file(path: Path, prompts: list[str], seeds: list[int], cfg: Di
             file.write(json.dumps({"file_name": f"images/{index:06d}.png", "prompt": prompt,
                                    "negative_prompt": cfg.negative_prompt, "seed": seed,
                                    "guidance_scale": cfg.guidance_scale}) + "\n")
-
-
-def requested_labels(cfg: DictConfig, num_classes: int, classes: list[str]) -> tuple[torch.Tensor | None, int]:
-    """(labels to sample, images per grid row) for `label` and `guidance_scale`: none, num_samples
-    of one class (by name or index), or for `all` one row per class of
-    ceil(num_samples / num_classes) images."""
-    if cfg.label is None:
-        if cfg.guidance_scale != 1.0:
-            raise UserError(f"guidance_scale={cfg.guidance_scale} needs a label: add label=K or label=all")
-        return None, cfg.nrow
-    if not num_classes:
-        raise UserError(f"label={cfg.label} needs a class-conditional model, but {cfg.ckpt} has "
-                        f"model.num_classes=0: drop label=, or train with model.num_classes=10")
-    if cfg.label == "all":
-        per_class = -(-cfg.num_samples // num_classes)
-        return class_rows(num_classes, per_class), per_class
-    label = str(cfg.label)
-    if label in classes:
-        return torch.full((cfg.num_samples,), classes.index(label)), cfg.nrow
-    if not label.isdigit() or int(label) >= num_classes:
-        names = f" or a name: {', '.join(classes)}" if classes else ""
-        raise UserError(f"label={cfg.label} is not a class of this model: use 0 to "
-                        f"{num_classes - 1}{names}, or all")
-    return torch.full((cfg.num_samples,), int(label)), cfg.nrow
 
 
 @hydra.main(version_base="1.3", config_path="pkg://diffusion_cli.conf", config_name="sample")

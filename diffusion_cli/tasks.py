@@ -4,7 +4,6 @@ diffusion (in the run's space, on its condition) and the KL autoencoder of laten
 evaluation, adds its entries to the checkpoint and says what the run wrote."""
 
 import logging
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -13,13 +12,11 @@ from omegaconf import DictConfig
 from . import plots
 from .autoencoder import ReconstructionEvaluator, build_autoencoder, first_images, latent_statistics, psnr_line
 from .data import Split
-from .data.captions import CaptionTable
+from .conditions import condition_of
 from .evaluate import QUALITY_SAMPLER, Evaluator, due, evaluate
 from .metrics import QUALITY_KEYS
-from .models import build_model, is_conditional, pretrained, text_config, text_encoder
-from .models.text_encoder import tokenize
+from .models import build_model, pretrained, text_config
 from .objectives import autoencoder_loss, training_loss
-from .prompts import grid_prompts
 from .runtime import autocast, use_channels_last
 from .schedule import NoiseSchedule
 from .spaces import Space, Training
@@ -35,37 +32,28 @@ class DenoiserTask:
     def __init__(self, cfg: DictConfig, device: torch.device, space: Space, training: Training):
         self.cfg, self.device, self.space, self.encode = cfg, device, space, training.encode
         self.model = use_channels_last(build_model(cfg.model, space.shape, text_config(cfg)).to(device))
-        # Captioned data: batches carry caption groups, drawn into tokens here; the empty caption
-        # replaces data.caption_dropout of them, as the null label does for classes.
-        text = text_encoder(self.model)
-        self.captions = CaptionTable(training.split.captions, partial(tokenize, text), device) if text else None
-        self.null = self.model.text.null(1, self.captions.tokens.shape[1]) if text else None
-        self.cond_drop_prob = cfg.data.caption_dropout if text else cfg.trainer.cond_drop_prob
+        # Captioned data: batches carry caption groups, which the condition draws into tokens.
+        self.condition = condition_of(self.model, cfg.data, training.split.captions, device,
+                                      cfg.trainer.cond_drop_prob)
         self.schedule = NoiseSchedule.from_config(cfg.schedule).to(device)
-        self.labelled = is_conditional(self.model)
+        self.labelled = self.condition.labelled
         self.name = f"model {cfg.model.kind}"
 
     def loss(self, network, batch, generator: torch.Generator) -> torch.Tensor:
         images, labels = batch
-        images = self.encode(images)
-        if self.captions is not None:
-            labels = self.captions.draw(labels, generator)
+        images, condition = self.encode(images), self.condition.batch(labels, generator)
         with autocast(self.device, self.cfg.trainer.precision):
-            return training_loss(network, self.schedule, images, generator, labels=labels,
-                                 cond_drop_prob=self.cond_drop_prob, loss_weighting=self.cfg.trainer.loss_weighting,
+            return training_loss(network, self.schedule, images, generator, labels=condition,
+                                 cond_drop_prob=self.condition.drop_prob, loss_weighting=self.cfg.trainer.loss_weighting,
                                  prediction=self.model.prediction, num_classes=self.model.num_classes,
-                                 null=self.null)
+                                 null=self.condition.null)
 
     def start_evaluation(self, eval_data: Split, train_data: Split) -> None:
-        """The held-out images in the space; captioned ones are evaluated with their first caption."""
+        """The held-out images in the space, with their conditions as the model reads them."""
         tc = self.cfg.trainer
-        self.prompts = None
-        if self.captions is not None:
-            self.prompts = grid_prompts(self.cfg.data, eval_data)
-            eval_data = eval_data._replace(labels=self.captions.first(eval_data.labels).cpu())
-        self.eval_data = eval_data
+        self.eval_data = eval_data = self.condition.held_out(eval_data)
         self.evaluator = Evaluator(eval_data.head(tc.num_eval_images), self.schedule, tc.batch_size, tc.seed,
-                                   self.prompts, self.space)
+                                   self.condition, self.space)
 
     def evaluate(self, record: dict, step: int, model, run_dir: Path, checkpoint_due: bool) -> dict:
         return evaluate(record, step, model, self.schedule, self.evaluator, self.cfg, run_dir, self.eval_data)
@@ -77,7 +65,7 @@ class DenoiserTask:
 
     def finish(self, model, result: dict, run_dir: Path) -> None:
         tc = self.cfg.trainer
-        plots.denoising(model, self.schedule, self.cfg, run_dir / "denoising.png", self.prompts, self.space)
+        plots.denoising(model, self.schedule, self.cfg, run_dir / "denoising.png", self.condition, self.space)
         log.info(f"wrote {run_dir}: checkpoints/last.pt, samples/step_{tc.max_steps:07d}.png, metrics.jsonl, "
                  f"loss.png, loss_by_t.png, denoising.png (loss {result['loss']:.4f}, eval_loss "
                  f"{result['eval_loss']:.4f}, {result['wall_s']:.0f} s)")

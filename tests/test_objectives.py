@@ -107,7 +107,7 @@ def test_guidance_is_unconditional_plus_w_times_the_difference():
 
     x, t, labels = torch.zeros(3, 1, 2, 2), torch.zeros(3, dtype=torch.long), torch.tensor([0, 3, 7])
     for w in (0.0, 1.0, 3.0):
-        out = guided(ByLabel(), labels, w)(x, t)
+        out = guided(ByLabel(), labels, torch.full_like(labels, 10), w)(x, t)
         expected = 10 + w * (labels.float() - 10)
         torch.testing.assert_close(out[:, 0, 0, 0], expected)
 

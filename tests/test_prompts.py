@@ -13,7 +13,8 @@ from conftest import data_config, has_mnist, run_in_process
 from diffusion_cli.data import load_data
 from diffusion_cli.data.captions import CaptionTable, label_captions
 from diffusion_cli.errors import UserError
-from diffusion_cli.models import build_model, null_condition
+from diffusion_cli.conditions import condition_of
+from diffusion_cli.models import build_model
 from diffusion_cli.models.text_encoder import PAD, ByteTokenizer
 from diffusion_cli.objectives import training_loss
 from diffusion_cli.prompts import prompt_classes
@@ -77,13 +78,15 @@ def test_guidance_on_prompts_mixes_the_conditional_and_the_empty_or_negative_pro
     tokens = model.text.encoder.tokenizer(["seven", "three"])[0]
     negative = model.text.encoder.tokenizer(["one", "one"])[0]
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([5, 5])
+    pair = condition_of(model).pair  # the prompt beside the empty caption, or the negative prompt
     with torch.no_grad():
-        conditional, empty, one = model(x, t, tokens), model(x, t, null_condition(model, tokens)), model(x, t, negative)
-        assert torch.equal(guided(model, tokens, 1.0)(x, t), conditional)
-        assert torch.allclose(guided(model, tokens, 0.0)(x, t), empty, atol=1e-5)
+        conditional, empty, one = model(x, t, tokens), model(x, t, pair(tokens)[1]), model(x, t, negative)
+        assert torch.equal(guided(model, tokens, scale=1.0)(x, t), conditional)
+        assert torch.allclose(guided(model, *pair(tokens), scale=0.0)(x, t), empty, atol=1e-5)
         assert torch.allclose(model(x, t), empty, atol=1e-6)  # no condition: the empty caption
-        assert torch.allclose(guided(model, tokens, 3.0)(x, t), empty + 3 * (conditional - empty), atol=1e-4)
-        assert torch.allclose(guided(model, tokens, 3.0, negative)(x, t), one + 3 * (conditional - one), atol=1e-4)
+        assert torch.allclose(guided(model, *pair(tokens), scale=3.0)(x, t), empty + 3 * (conditional - empty), atol=1e-4)
+        assert torch.allclose(guided(model, *pair(tokens, negative), scale=3.0)(x, t), one + 3 * (conditional - one),
+                              atol=1e-4)
 
 
 def test_caption_dropout_trains_on_the_empty_caption():
@@ -213,7 +216,7 @@ def test_mnist_captions_from_class_names_resume_exactly(tmp_path):
     (["model=mlp"], "needs a model that attends to text"),
     (["model.num_classes=10"], "choose one"),
     (["data.captions=sidecar"], "reads a folder's caption files"),
-    (["data.caption_dropout=1"], "data.caption_dropout=1"),
+    (["data.caption_dropout=0.2"], "data.caption_dropout is now trainer.cond_drop_prob"),
 ])
 def test_bad_caption_settings_are_one_line_errors(tmp_path, args, message):
     result = run_in_process("diffusion-train", "data=mnist", "data.captions=labels", *args,

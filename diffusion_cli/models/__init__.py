@@ -4,7 +4,6 @@ tokens (B, L) for a text-conditioned one (model.text; models/text_encoder.py); i
 tensor shaped like x_t: the noise, the clean image or v, as its `prediction` attribute says (set
 from model.prediction)."""
 
-import torch
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -27,11 +26,6 @@ def size_factor(model_cfg) -> int:
     if model_cfg.kind == "resunet":
         return 2 ** (len(model_cfg.channel_mults) - 1)
     return {"unet": 4, "dit": model_cfg.get("patch_size", 1)}.get(model_cfg.kind, 1)
-
-
-def model_shape(data_cfg, latents=None) -> tuple[int, int, int]:
-    """The shape the denoiser works in: the data's images, or a LatentSpace's latents."""
-    return tuple(latents.shape) if latents is not None else image_shape(data_cfg)
 
 
 def text_config(cfg):
@@ -63,21 +57,3 @@ def build_model(model_cfg, data_cfg, text_cfg: dict | None = None) -> nn.Module:
         raise UserError(str(error)) from None
     model.prediction = model_cfg.get("prediction", "eps")  # checkpoints before it predicted eps
     return model
-
-
-def text_encoder(model: nn.Module) -> nn.Module | None:
-    """The text encoder of a text-conditioned model (its tokenizer included), else None."""
-    text = getattr(model, "text", None)
-    return text.encoder if text is not None else None
-
-
-def is_conditional(model: nn.Module) -> bool:
-    """Whether the model takes a condition: class labels or captions."""
-    return bool(model.num_classes) or text_encoder(model) is not None
-
-
-def null_condition(model: nn.Module, cond: torch.Tensor) -> torch.Tensor:
-    """The unconditional input shaped like `cond`: the null label, or the empty caption."""
-    if text_encoder(model) is not None:
-        return model.text.null(len(cond), cond.shape[1]).to(cond.device)
-    return torch.full_like(cond, model.num_classes)

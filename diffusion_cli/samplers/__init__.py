@@ -9,6 +9,7 @@ from dataclasses import fields, replace
 import torch
 from torch import nn
 
+from ..conditions import condition_of
 from ..guidance import guided
 from ..runtime import eval_mode
 from ..schedule import NoiseSchedule
@@ -68,10 +69,14 @@ def sample(model: nn.Module, schedule: NoiseSchedule, shape, *, sampler: str | S
     device = torch.device(device) if device is not None else model_device(model, schedule)
     x_T = options.get("x_T")
     x = randn(shape, generator, device) if x_T is None else x_T.to(device)
-    labels, negative = options.get("labels"), options.get("negative")
+    labels, negative, scale = options.get("labels"), options.get("negative"), options.get("guidance_scale", 1.0)
     with eval_mode(model):
-        denoise = guided(model, None if labels is None else labels.to(device), options.get("guidance_scale", 1.0),
-                         None if negative is None else negative.to(device))
+        denoise = model
+        if labels is not None:  # guidance pairs the condition with the null one (or a negative prompt)
+            labels, unconditional = labels.to(device), None
+            if scale != 1.0:
+                labels, unconditional = condition_of(model).pair(labels, None if negative is None else negative.to(device))
+            denoise = guided(model, labels, unconditional, scale)
         result = draw(sampler, denoise, schedule, x, prediction=options.get("prediction") or getattr(model, "prediction", "eps"),
                       generator=generator, progress=options.get("progress", False),
                       trajectory=options.get("return_all_steps", False))

@@ -1,0 +1,178 @@
+"""What a denoiser is conditioned on: nothing, a class label, or a caption. One condition per run,
+built from the model (`condition_of`); everything else asks it, never which kind it is:
+
+- training: `batch(labels, generator)` turns a batch's stored labels into the model's condition
+  (caption groups are drawn into tokens), `null` and `drop_prob` are what guidance's dropout trains;
+- guidance: `pair(cond, negative)` gives the conditional and the unconditional input side by side;
+- drawing: `rows(count)` (a grid row per class or prompt) and `each(count)` (in turn) for training's
+  grids and quality metrics, `requested(cfg)` for diffusion-sample's label=, prompt=, prompts_file=
+  and negative_prompt=; `held_out(split)` the held-out split as the model reads it.
+"""
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .data import Split
+from .data.captions import CaptionTable
+from .errors import UserError
+from .models.text_encoder import padded, tokenize
+from .prompts import grid_prompts, prompt_classes, read_prompts
+
+
+class Drawn(NamedTuple):
+    """What to draw: the conditions (or None), the class each image shows (or None), images per
+    grid row, row titles, the negative prompt's tokens (or None), each image's prompt (or None)."""
+    conditions: torch.Tensor | None = None
+    classes: torch.Tensor | None = None
+    nrow: int = 0
+    titles: list[str] | None = None
+    negative: torch.Tensor | None = None
+    prompts: list[str] | None = None
+
+
+class Unconditional:
+    labelled, null, drop_prob, prompts = False, None, 0.0, None
+
+    def batch(self, labels, generator: torch.Generator):
+        return None
+
+    def held_out(self, split: Split) -> Split:
+        return split
+
+    def rows(self, count: int) -> Drawn:
+        return Drawn()
+
+    each = rows
+
+    def requested(self, cfg) -> Drawn:
+        if read_prompts(cfg) is not None or cfg.negative_prompt is not None:
+            raise UserError(f"prompt= needs a model trained on captions (data.captions=...), but {cfg.ckpt} is "
+                            f"conditioned on nothing: drop prompt=")
+        if cfg.label is not None:
+            raise UserError(f"label={cfg.label} needs a class-conditional model, but {cfg.ckpt} has "
+                            f"model.num_classes=0: drop label=, or train with model.num_classes=10")
+        if cfg.guidance_scale != 1.0:
+            raise UserError(f"guidance_scale={cfg.guidance_scale} needs a label: add label=K or label=all")
+        return Drawn(nrow=cfg.nrow)
+
+
+class ClassLabels(Unconditional):
+    """Class indices 0 ... n-1; n is the null label."""
+    labelled = True
+
+    def __init__(self, num_classes: int, names: list[str], drop_prob: float = 0.0):
+        self.n, self.names, self.drop_prob = num_classes, names, drop_prob
+        self.titles = [names[k] if k < len(names) else str(k) for k in range(num_classes)]
+
+    def batch(self, labels, generator: torch.Generator):
+        return labels
+
+    def pair(self, cond: torch.Tensor, negative=None) -> tuple[torch.Tensor, torch.Tensor]:
+        return cond, torch.full_like(cond, self.n)
+
+    def rows(self, count: int) -> Drawn:
+        per_row = -(-count // self.n)
+        which = torch.arange(self.n).repeat_interleave(per_row)
+        return Drawn(which, which, per_row, self.titles)
+
+    def each(self, count: int) -> Drawn:
+        which = torch.arange(count) % self.n
+        return Drawn(which, which, -(-count // self.n), self.titles)
+
+    def requested(self, cfg) -> Drawn:
+        """none, num_samples of one class (by name or index), or for `all` one titled row per class
+        of ceil(num_samples / num_classes) images."""
+        if read_prompts(cfg) is not None or cfg.negative_prompt is not None:
+            raise UserError(f"prompt= needs a model trained on captions (data.captions=...), but {cfg.ckpt} is "
+                            f"conditioned on class labels: use label=K")
+        if cfg.label is None:
+            return Unconditional.requested(self, cfg)
+        if cfg.label == "all":
+            return self.rows(self.n * -(-cfg.num_samples // self.n))
+        label = str(cfg.label)
+        if label in self.names:
+            index = self.names.index(label)
+        elif label.isdigit() and int(label) < self.n:
+            index = int(label)
+        else:
+            names = f" or a name: {', '.join(self.names)}" if self.names else ""
+            raise UserError(f"label={cfg.label} is not a class of this model: use 0 to {self.n - 1}{names}, or all")
+        labels = torch.full((cfg.num_samples,), index)
+        return Drawn(labels, labels, cfg.nrow)
+
+
+class Captions(Unconditional):
+    """Caption tokens (B, L) of the model's text encoder, padded with PAD; the empty caption is the
+    null condition. A training split carries caption groups (one per image): each batch draws one
+    caption of each image's group."""
+    labelled = True
+
+    def __init__(self, text: nn.Module, data_cfg, captions: list[list[str]] | None = None, device="cpu",
+                 drop_prob: float = 0.0):
+        self.text, self.data_cfg, self.drop_prob = text, data_cfg, drop_prob
+        self.table = CaptionTable(captions, self.tokens, device) if captions is not None else None
+        self.null = text.null(1, self.table.tokens.shape[1]) if captions is not None else None
+
+    def tokens(self, prompts: list[str], what: str = "captions") -> torch.Tensor:
+        return tokenize(self.text.encoder, prompts, what)
+
+    def batch(self, labels, generator: torch.Generator):
+        return self.table.draw(labels, generator)
+
+    def held_out(self, split: Split) -> Split:
+        """Held-out images are evaluated with their first caption; grids draw the data's prompts."""
+        self.prompts = grid_prompts(self.data_cfg, split)
+        return split._replace(labels=self.table.first(split.labels).cpu())
+
+    def pair(self, cond: torch.Tensor, negative=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A prompt's tokens and the negative prompt's (default: the empty caption's), as wide."""
+        unconditional = negative if negative is not None else self.text.null(len(cond), cond.shape[1]).to(cond.device)
+        width = max(cond.shape[1], unconditional.shape[1])
+        return padded(cond, width), padded(unconditional, width)
+
+    def drawn(self, prompts: list[str], count: int, grid: bool) -> Drawn:
+        n = len(prompts)
+        per_row = -(-count // n)
+        which = torch.arange(n).repeat_interleave(per_row) if grid else torch.arange(count) % n
+        classes = prompt_classes(prompts, self.data_cfg)
+        return Drawn(self.tokens(prompts, "prompts")[which], None if classes is None else classes[which], per_row, list(prompts))
+
+    def rows(self, count: int) -> Drawn:
+        return self.drawn(self.prompts, count, grid=True) if self.prompts else Drawn()
+
+    def each(self, count: int) -> Drawn:
+        return self.drawn(self.prompts, count, grid=False) if self.prompts else Drawn()
+
+    def requested(self, cfg) -> Drawn:
+        if cfg.label is not None:
+            raise UserError(f"label={cfg.label} is for class-conditional models; {cfg.ckpt} was trained on "
+                            f"captions: use prompt=\"...\" (or prompts_file=)")
+        prompts = read_prompts(cfg)
+        if prompts is None:
+            if cfg.guidance_scale != 1.0 or cfg.negative_prompt is not None:
+                raise UserError("guidance_scale and negative_prompt need a prompt: add prompt=\"...\"")
+            return Drawn(nrow=cfg.nrow)
+        drawn = self.drawn(prompts, cfg.num_samples, grid=True)
+        if len(prompts) == 1:  # one prompt: a square grid, like unconditional samples
+            drawn = drawn._replace(nrow=cfg.nrow, titles=None)
+        count = len(drawn.conditions)
+        negative = None
+        if cfg.negative_prompt is not None:
+            negative = self.tokens([cfg.negative_prompt], "negative prompts").expand(count, -1)
+        each = [prompts[i // (count // len(prompts))] for i in range(count)]
+        return drawn._replace(negative=negative, prompts=each)
+
+
+def condition_of(model: nn.Module, data_cfg=None, captions: list[list[str]] | None = None, device="cpu",
+                 drop_prob: float = 0.0) -> Unconditional:
+    """The condition `model` takes (its text encoder, or its classes), for data of `data_cfg`;
+    `captions`: the training split's caption groups, tokenized once onto `device` for training."""
+    text = getattr(model, "text", None)
+    if text is not None:
+        return Captions(text, data_cfg, captions, device, drop_prob)
+    if model.num_classes:
+        names = list((data_cfg or {}).get("classes") or [])
+        return ClassLabels(model.num_classes, names, drop_prob)
+    return Unconditional()
