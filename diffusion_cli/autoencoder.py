@@ -2,8 +2,11 @@
 keeps (the held-out loss and PSNR, reconstruction grids, the latent scale in every checkpoint). The
 frozen autoencoder that a denoiser trains on and samples through is spaces.LatentSpace."""
 
+from dataclasses import dataclass
+from typing import List, Optional
+
 import torch
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 
 from .data import Split, to_model_range
 from .data.rows import RowFile
@@ -92,3 +95,29 @@ class ReconstructionEvaluator:
 def psnr_line(result: dict) -> str:
     scaled = f", scaled latents' std {result['latent_scaled_std']:.3f}" if "latent_scaled_std" in result else ""
     return f"held-out PSNR {result['psnr']:.2f} dB{scaled}"
+
+
+# The config group's schema (conf/ holds the values and their docs).
+@dataclass
+class AutoencoderConfig:
+    kind: str = MISSING
+    base_channels: int = MISSING
+    channel_mults: List[int] = MISSING
+    num_res_blocks: int = MISSING
+    z_channels: int = MISSING
+    loss: str = MISSING
+    kl_weight: float = MISSING
+    shift: bool = MISSING
+    perceptual_weight: float = 0.0
+    scale_images: int = MISSING
+    ckpt: Optional[str] = MISSING
+    cache_latents: bool = MISSING
+
+
+@dataclass
+class DiffusersAutoencoderConfig:
+    kind: str = MISSING
+    path: Optional[str] = MISSING
+    subfolder: Optional[str] = MISSING
+    ckpt: Optional[str] = MISSING
+    cache_latents: bool = MISSING

@@ -22,8 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import runtime
 from .atomic import atomic_write
+from .conditions import text_config
 from .errors import UserError
-from .models import build_model, text_config
+from .models import build_model
 from .runtime import use_channels_last
 from .schedule import SCHEDULES, NoiseSchedule
 

@@ -15,7 +15,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
 from . import checkpoint, runtime
-from .config import other_kinds_key, validate
+from .config import validate
+from .schema import other_kinds_key
 from .errors import UserError
 from .rundir import claim, claim_sweep
 from .stopping import Stopped
@@ -155,7 +156,8 @@ def run_task(task, cfg: DictConfig) -> float | None:
 
     metrics = {}
     try:
-        validate(cfg)
+        if multirun:  # a single run was checked before its run dir was made (Callbacks.on_run_start)
+            validate(cfg)
         metrics = task(cfg, run_dir)
     except Stopped as stopped:  # a signal: the whole command stops, sweep included
         result({}, "stopped", str(stopped))

@@ -9,16 +9,24 @@ built from the model (`condition_of`); everything else asks it, never which kind
   and negative_prompt=; `held_out(split)` the held-out split as the model reads it.
 """
 
+import json
+import logging
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
-from .data import Split
+from .atomic import atomic_write
+from .data import DATASETS, Split, class_names
 from .data.captions import CaptionTable
 from .errors import UserError
-from .models.text_encoder import padded, tokenize
+from .models import TEXT_MODELS
+from .models.text_encoder import build_text_encoder, padded, tokenize
 from .prompts import grid_prompts, prompt_classes, read_prompts
+
+log = logging.getLogger(__name__)
 
 
 class Drawn(NamedTuple):
@@ -34,6 +42,14 @@ class Drawn(NamedTuple):
 
 class Unconditional:
     labelled, null, drop_prob, prompts = False, None, 0.0, None
+
+    def describe(self, prompts: list[str] | None) -> str:
+        """What a diffusion-sample log line adds about the prompts drawn."""
+        return ""
+
+    def write_prompts(self, path: Path, prompts: list[str] | None, seeds: list[int], cfg) -> str:
+        """prompts.jsonl beside save_images' PNGs, where there are prompts; what the log adds."""
+        return ""
 
     def batch(self, labels, generator: torch.Generator):
         return None
@@ -145,6 +161,20 @@ class Captions(Unconditional):
     def each(self, count: int) -> Drawn:
         return self.drawn(self.prompts, count, grid=False) if self.prompts else Drawn()
 
+    def describe(self, prompts: list[str] | None) -> str:
+        return f", {len(set(prompts))} prompt(s)" if prompts else ""
+
+    def write_prompts(self, path: Path, prompts: list[str] | None, seeds: list[int], cfg) -> str:
+        """prompts.jsonl: for each PNG of images/, its prompt and the seed of its initial noise."""
+        if not prompts:
+            return ""
+        with atomic_write(path) as file:
+            for index, (prompt, seed) in enumerate(zip(prompts, seeds)):
+                file.write(json.dumps({"file_name": f"images/{index:06d}.png", "prompt": prompt,
+                                       "negative_prompt": cfg.negative_prompt, "seed": seed,
+                                       "guidance_scale": cfg.guidance_scale}) + "\n")
+        return " and prompts.jsonl"
+
     def requested(self, cfg) -> Drawn:
         if cfg.label is not None:
             raise UserError(f"label={cfg.label} is for class-conditional models; {cfg.ckpt} was trained on "
@@ -155,6 +185,9 @@ class Captions(Unconditional):
                 raise UserError("guidance_scale and negative_prompt need a prompt: add prompt=\"...\"")
             return Drawn(nrow=cfg.nrow)
         drawn = self.drawn(prompts, cfg.num_samples, grid=True)
+        if cfg.eval and drawn.classes is None and self.data_cfg.get("captions") == "labels":
+            log.info("label_accuracy: some prompts follow none of the data's caption templates, so "
+                     "the digit each should show is unknown; left out")
         if len(prompts) == 1:  # one prompt: a square grid, like unconditional samples
             drawn = drawn._replace(nrow=cfg.nrow, titles=None)
         count = len(drawn.conditions)
@@ -176,3 +209,45 @@ def condition_of(model: nn.Module, data_cfg=None, captions: list[list[str]] | No
         names = list((data_cfg or {}).get("classes") or [])
         return ClassLabels(model.num_classes, names, drop_prob)
     return Unconditional()
+
+
+def check_config(cfg) -> None:
+    """Before a run: a class-conditional model needs as many classes as the data's labels have; a
+    model is conditioned on class labels or on captions, not both; captions need a model with
+    cross-attention and data that has them. The text encoder is built now (CLIP's weights loaded
+    once per process), so that a bad one stops the run here."""
+    model, data = cfg.model, cfg.data
+    if model.num_classes:
+        available = len(data.classes) if data.get("classes") else len(class_names(data))
+        if model.num_classes != available:
+            fix = (f"use model.num_classes={available} (class-conditional) or 0" if available
+                   else "use model.num_classes=0, or labelled data (data=mnist, data.labels=subfolders)")
+            raise UserError(f"model.num_classes={model.num_classes} but data={data.kind} has "
+                            f"{available or 'no'} classes: {fix}")
+    kind = data.get("captions", "none")
+    if kind == "none":
+        return
+    if kind == "labels" and not class_names(data):
+        raise UserError(f"data.captions=labels makes captions from class names, but data={data.kind} has no "
+                        f"labels: use data.labels=subfolders, a labelled set (data=mnist), or a caption "
+                        f"format (auto, jsonl, csv, sidecar)")
+    if kind != "labels" and DATASETS[data.kind].captions is None:
+        raise UserError(f"data.captions={kind} reads a folder's caption files: use data=folder, or "
+                        f"data.captions=labels for captions made from data={data.kind}'s class names")
+    if model.num_classes:
+        raise UserError(f"data.captions={kind} conditions the model on captions, and model.num_classes="
+                        f"{model.num_classes} on class labels: choose one (model.num_classes=0, or data.captions=none)")
+    if model.kind not in TEXT_MODELS:
+        raise UserError(f"data.captions={kind} needs a model that attends to text: use model=resunet (or "
+                        f"resunet32, resunet64) or model=dit, not model={model.kind}")
+    try:
+        build_text_encoder(text_config(cfg))
+    except ValueError as error:
+        raise UserError(str(error)) from None
+
+
+def text_config(cfg) -> dict | None:
+    """The run's text_encoder config when its data has captions, else None."""
+    if cfg.data.get("captions", "none") == "none":
+        return None
+    return OmegaConf.to_container(cfg.text_encoder, resolve=True)

@@ -1,134 +1,31 @@
-"""Typed schemas of the config groups, and the range checks run right after composing.
+"""The config groups' schemas, registered with Hydra, and the checks run right after composing.
 
-The YAML files in conf/ hold the values and their documentation; the dataclasses here hold the
-types, so that Hydra rejects `schedule.T=abc` while composing. Each group file extends its schema
-with `- /schema/<group>/<option>@_here_` in its defaults list.
+The YAML files in conf/ hold the values and their documentation; the dataclasses beside the code
+each group configures (schedule.py, samplers/, models/, data/, ...) hold the types, so that Hydra
+rejects `schedule.T=abc` while composing, and, in their fields' metadata, the ranges that RULES
+checks. Each group file extends its schema with `- /schema/<group>/<option>@_here_` in its
+defaults list. The checks across keys live with the part they concern (conditions, spaces, tasks).
 """
 
-from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from . import checkpoint
-from .data import DATASETS, class_names
+from . import checkpoint, conditions, spaces, tasks
+from .autoencoder import AutoencoderConfig, DiffusersAutoencoderConfig
+from .data import DATASETS, DataConfig
 from .data.captions import FORMATS as CAPTION_FORMATS
 from .errors import UserError
 from .metrics import quality_keys
-from .models import MODELS, TEXT_MODELS, image_shape, pretrained, size_factor
-from .models.text_encoder import ENCODERS, build_text_encoder
+from .models import MODELS, DiTConfig, MLPConfig, ResUNetConfig, UNetConfig
+from .models.text_encoder import ENCODERS, ClipTextEncoderConfig, TextEncoderConfig
 from .runtime import PRECISIONS, resolve_device
 from .samplers import SAMPLERS
-from .schema import rules_of, schema_of
-from .spaces import latent_diffusion, run_space
+from .schema import group_options, rules_of, schema_of
 from .schedule import PREDICTIONS, SCHEDULE_KINDS, SCHEDULES
-from .tracking import check_available
-
-
-@dataclass
-class DataConfig:
-    kind: str = MISSING
-    root: Optional[str] = MISSING
-    download: bool = MISSING
-    channels: int = MISSING
-    height: int = MISSING
-    width: int = MISSING
-    num_train: int = MISSING
-    num_eval: int = MISSING
-    hflip: bool = MISSING
-    in_memory: Any = MISSING                # true | false | auto
-    num_workers: int = MISSING
-    path: Optional[str] = None              # data=folder's own keys
-    image_size: Optional[int] = None
-    labels: str = "none"
-    classes: Optional[List[str]] = None     # filled in by training from the data: the class names
-    captions: str = "none"                  # captions (data/captions.py); documented in the data YAMLs
-    caption_column: str = "text"
-    missing_captions: str = "empty"
-    caption_templates: List[str] = field(default_factory=lambda: [
-        "{name}", "a {name}", "a picture of a {name}", "a photo of a {name}"])
-    held_out_template: str = "an image of a {name}"
-
-
-@dataclass
-class ModelConfig:
-    kind: str = MISSING
-    prediction: str = MISSING
-    num_classes: int = MISSING
-
-
-@dataclass
-class MLPConfig(ModelConfig):
-    width: int = MISSING
-    depth: int = MISSING
-
-
-@dataclass
-class UNetConfig(ModelConfig):
-    base_channels: int = MISSING
-    time_dim: int = MISSING
-
-
-@dataclass
-class ResUNetConfig(ModelConfig):
-    base_channels: int = MISSING
-    channel_mults: List[int] = MISSING
-    num_res_blocks: int = MISSING
-    attention: bool = MISSING
-    dropout: float = MISSING
-    attention_resolutions: List[int] = field(default_factory=list)
-    cross_attention_resolutions: Optional[List[int]] = None
-
-
-@dataclass
-class DiTConfig(ModelConfig):
-    patch_size: int = MISSING
-    width: int = MISSING
-    depth: int = MISSING
-    heads: int = MISSING
-    position: str = MISSING
-
-
-@dataclass
-class TextEncoderConfig:
-    kind: str = MISSING
-    width: int = MISSING
-    depth: int = MISSING
-    heads: int = MISSING
-    max_length: int = MISSING
-
-
-@dataclass
-class ClipTextEncoderConfig:
-    kind: str = MISSING
-    path: str = MISSING
-    max_length: int = MISSING
-
-
-@dataclass
-class AutoencoderConfig:
-    kind: str = MISSING
-    base_channels: int = MISSING
-    channel_mults: List[int] = MISSING
-    num_res_blocks: int = MISSING
-    z_channels: int = MISSING
-    loss: str = MISSING
-    kl_weight: float = MISSING
-    shift: bool = MISSING
-    perceptual_weight: float = 0.0
-    scale_images: int = MISSING
-    ckpt: Optional[str] = MISSING
-    cache_latents: bool = MISSING
-
-
-@dataclass
-class DiffusersAutoencoderConfig:
-    kind: str = MISSING
-    path: Optional[str] = MISSING
-    subfolder: Optional[str] = MISSING
-    ckpt: Optional[str] = MISSING
-    cache_latents: bool = MISSING
+from .tracking import MLflowConfig, WandbConfig, check_available
 
 
 @dataclass
@@ -157,23 +54,6 @@ class TrainerConfig:
     grad_clip: float = MISSING
     precision: str = MISSING
     compile: bool = MISSING
-
-
-@dataclass
-class WandbConfig:
-    project: str = MISSING
-    entity: Optional[str] = MISSING
-    group: Optional[str] = MISSING
-    tags: List[str] = MISSING
-    name: Optional[str] = MISSING
-    mode: Optional[str] = MISSING
-
-
-@dataclass
-class MLflowConfig:
-    tracking_uri: Optional[str] = MISSING
-    experiment: str = MISSING
-    run_name: Optional[str] = MISSING
 
 
 @dataclass
@@ -236,54 +116,6 @@ def resume_output_subdir(resume: str | None, run_dir: str) -> str | None:
     if resume is not None and checkpoint.continues_in_place(resume, run_dir):
         return None
     return ".hydra"
-
-
-def group_options(group: str) -> str:
-    """The options of a config group, as --help lists them: ddpm|ddim|..."""
-    from importlib.resources import files
-
-    folder = files("diffusion_cli.conf").joinpath(group)
-    return "|".join(sorted(path.name[:-5] for path in folder.iterdir() if path.name.endswith(".yaml"))
-                    if folder.is_dir() else [])
-
-
-def option_keys(group: str, option: str) -> set[str]:
-    """The keys a group option's YAML sets, those of the options it extends included."""
-    from importlib.resources import files
-
-    path = files("diffusion_cli.conf").joinpath(group, f"{option}.yaml")
-    if not path.is_file():
-        return set()
-    node = OmegaConf.create(path.read_text())
-    keys = set(node) - {"defaults"}
-    for parent in node.get("defaults", []):
-        if isinstance(parent, str) and not parent.startswith(("/", "_self_")):
-            keys |= option_keys(group, parent)
-    return keys
-
-
-# Keys that moved: old name -> new name (checkpoint.migrated moves them in saved configs).
-MOVED = {"data.caption_dropout": "trainer.cond_drop_prob"}
-
-
-def other_kinds_key(message: str) -> str | None:
-    """For Hydra's error on a key that the chosen option of its group lacks, the one line naming
-    the options that have it (None where no option has it)."""
-    import re
-
-    match = re.search(r"Could not override '(\w+)\.(\w+)'", message)
-    if not match or "not in" not in message:
-        return None
-    group, key = match.groups()
-    if f"{group}.{key}" in MOVED:
-        return (f"{group}.{key} is now {MOVED[group + '.' + key]} (one key for class labels and captions): "
-                f"use {MOVED[group + '.' + key]}=...")
-    have = [option for option in group_options(group).split("|") if key in option_keys(group, option)] \
-        if group_options(group) else []
-    if not have:
-        return None
-    return (f"{group}.{key} is a key of {group}={'|'.join(have)}; add {group}={have[0]} (each {group} "
-            f"option has its own keys: --cfg job shows this run's)")
 
 
 OmegaConf.register_new_resolver("group_options", group_options, replace=True)
@@ -402,9 +234,9 @@ def validate(cfg: DictConfig) -> None:
         if "sampler" in cfg:
             check_sampler_steps(cfg.sampler, schedule.T)
     if "model" in cfg:
-        check_num_classes(cfg.model, cfg.data)
-        check_captions(cfg)
-        check_autoencoder(cfg)
+        conditions.check_config(cfg)
+        tasks.check_config(cfg)
+        spaces.check_config(cfg)
     check_available(cfg.get("logger"))
     if "sweep" in cfg:
         check_objective(cfg)
@@ -431,75 +263,6 @@ def check_objective(cfg: DictConfig) -> None:
     if cfg.sweep.objective not in available:
         raise UserError(f"sweep.objective={cfg.sweep.objective} is not a final metric of this run: use "
                         f"one of {', '.join(available)}")
-
-
-def check_num_classes(model_cfg: DictConfig, data_cfg: DictConfig) -> None:
-    """A class-conditional model needs as many classes as the data's labels have."""
-    if not model_cfg.num_classes:
-        return
-    available = len(data_cfg.classes) if data_cfg.get("classes") else len(class_names(data_cfg))
-    if model_cfg.num_classes != available:
-        fix = (f"use model.num_classes={available} (class-conditional) or 0" if available
-               else "use model.num_classes=0, or labelled data (data=mnist, data.labels=subfolders)")
-        raise UserError(f"model.num_classes={model_cfg.num_classes} but data={data_cfg.kind} has "
-                        f"{available or 'no'} classes: {fix}")
-
-
-def check_captions(cfg: DictConfig) -> None:
-    """A model is conditioned on class labels or on captions, not both, and captions need a model
-    with cross-attention; the data must have the captions asked for."""
-    kind = cfg.data.get("captions", "none")
-    if kind == "none":
-        return
-    if kind == "labels" and not class_names(cfg.data):
-        raise UserError(f"data.captions=labels makes captions from class names, but data="
-                        f"{cfg.data.kind} has no labels: use data.labels=subfolders, a labelled "
-                        f"set (data=mnist), or a caption format (auto, jsonl, csv, sidecar)")
-    if kind != "labels" and DATASETS[cfg.data.kind].captions is None:
-        raise UserError(f"data.captions={kind} reads a folder's caption files: use data=folder, or "
-                        f"data.captions=labels for captions made from data={cfg.data.kind}'s class names")
-    if cfg.model.num_classes:
-        raise UserError(f"data.captions={cfg.data.captions} conditions the model on captions, and "
-                        f"model.num_classes={cfg.model.num_classes} on class labels: choose one "
-                        f"(model.num_classes=0, or data.captions=none)")
-    if cfg.model.kind not in TEXT_MODELS:
-        raise UserError(f"data.captions={cfg.data.captions} needs a model that attends to text: use "
-                        f"model=resunet (or resunet32, resunet64) or model=dit, not model={cfg.model.kind}")
-    try:  # built now (CLIP's weights loaded once), so that a bad one stops the run here
-        build_text_encoder(OmegaConf.to_container(cfg.text_encoder, resolve=True))
-    except ValueError as error:
-        raise UserError(str(error)) from None
-
-
-def check_autoencoder(cfg: DictConfig) -> None:
-    """task=autoencoder: the perceptual term's weights, loaded up front. Latent diffusion
-    (autoencoder.ckpt= or autoencoder=diffusers): the autoencoder must be one, for images of the
-    data's channels, and both it and the denoiser must divide the image size. A resumed run uses
-    the autoencoder its checkpoint embeds: nothing to check."""
-    kind = OmegaConf.select(cfg, "autoencoder.kind")
-    if kind == "diffusers" and cfg.get("task") == "autoencoder":
-        raise UserError("autoencoder=diffusers is pretrained, not trained here: train a denoiser on its latents "
-                        "(task=diffusion, the default), or an autoencoder of your own (autoencoder=kl_f4)")
-    if cfg.get("task") == "autoencoder" and cfg.autoencoder.get("perceptual_weight", 0) > 0:
-        pretrained.lpips_vgg()  # loaded now (once), so that missing weights stop the run here
-    if kind == "diffusers" and cfg.autoencoder.path is None:
-        raise UserError("autoencoder=diffusers needs autoencoder.path: a hub name (stabilityai/sd-vae-ft-mse) "
-                        "or a local folder with a diffusers AutoencoderKL")
-    if not latent_diffusion(cfg) or cfg.get("resume") is not None:
-        return
-    latents = run_space(cfg)
-    key = "autoencoder.path" if kind == "diffusers" else "autoencoder.ckpt"
-    channels, height, width = image_shape(cfg.data)
-    if channels != latents.image_shape[0]:
-        raise UserError(f"{key}={latents.source} encodes {latents.image_shape[0]}-channel "
-                        f"images, data={cfg.data.kind} has {channels}: train an autoencoder on this data "
-                        f"(diffusion-train task=autoencoder data=...)")
-    f, m = latents.model.factor, size_factor(cfg.model)
-    if height % (f * m) or width % (f * m):
-        raise UserError(f"latent diffusion: the autoencoder (f={f}) and model={cfg.model.kind} (which divides "
-                        f"its input by {m}) need image sizes divisible by {f * m}, got {height}x{width}: use "
-                        f"such a size (data.image_size={-(-height // (f * m)) * f * m}), or a model for "
-                        f"{height // f}x{width // f} latents (fewer model.channel_mults, or model.patch_size=1)")
 
 
 def check_sampler_steps(sampler_cfg: DictConfig, T: int) -> None:

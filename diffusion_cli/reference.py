@@ -21,12 +21,12 @@ def allowed() -> dict[str, str]:
     return {key: text for key, _, text in RULES}
 
 
-def keys_of(text: str) -> list[tuple[str, str, str]]:
+def keys_of(yaml: str) -> list[tuple[str, str, str]]:
     """(dotted key, default, doc) of each leaf key of a YAML file, in order; comment lines below a
     key join its doc, a value on the next line (a list) is its value; `defaults` and `hydra` are
     left out."""
     rows, path, skipping = [], [], False
-    for line in text.splitlines():
+    for line in yaml.splitlines():
         match = KEY.match(line)
         if match and not line.lstrip().startswith("#"):
             indent, key, value, doc = match.groups()
@@ -45,10 +45,10 @@ def keys_of(text: str) -> list[tuple[str, str, str]]:
     return [(key, value, doc) for key, value, doc, _ in rows if key not in parents]
 
 
-def description(text: str) -> str:
+def description(yaml: str) -> str:
     """The comment lines a YAML file opens with."""
     lines = []
-    for line in text.splitlines():
+    for line in yaml.splitlines():
         if not line.startswith("#"):
             break
         if not line.startswith("# @package"):
@@ -60,8 +60,8 @@ def cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def table(prefix: str, text: str, rules: dict[str, str]) -> list[str]:
-    rows = keys_of(text)
+def table(prefix: str, yaml: str, rules: dict[str, str]) -> list[str]:
+    rows = keys_of(yaml)
     if not rows:
         return []
     out = ["| key | default | allowed | what it does |", "| --- | --- | --- | --- |"]
@@ -79,10 +79,10 @@ def reference() -> str:
     for group in sorted(path.name for path in conf.iterdir() if path.is_dir() and not path.name.startswith("_")):
         out += [f"## {group}", ""]
         for option in sorted(p.name[:-5] for p in conf.joinpath(group).iterdir() if p.name.endswith(".yaml")):
-            text = conf.joinpath(group, f"{option}.yaml").read_text()
-            out += [f"### {group}={option}", "", description(text), ""]
-            prefix = "" if "@package _global_" in text else f"{group}."
-            out += [*table(prefix, text, rules), ""]
+            yaml = conf.joinpath(group, f"{option}.yaml").read_text()
+            out += [f"### {group}={option}", "", description(yaml), ""]
+            prefix = "" if "@package _global_" in yaml else f"{group}."
+            out += [*table(prefix, yaml, rules), ""]
     return "\n".join(line for line in out).rstrip() + "\n"
 
 

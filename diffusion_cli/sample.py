@@ -39,7 +39,8 @@ def sample_from_checkpoint(cfg: DictConfig, run_dir: Path) -> dict:
                         f"use save_images=true and compute FID on the images/ folder with an "
                         f"external tool (clean-fid, torch-fidelity)")
     shape = space.shape
-    labels, shown_classes, nrow, titles, negative, prompts = condition_of(model, train_cfg.data).requested(cfg)
+    condition = condition_of(model, train_cfg.data)
+    labels, shown_classes, nrow, titles, negative, prompts = condition.requested(cfg)
     count = len(labels) if labels is not None else cfg.num_samples
     steps = cfg.sampler.steps or schedule.T
     batch = min(count, cfg.batch_size)
@@ -53,8 +54,7 @@ def sample_from_checkpoint(cfg: DictConfig, run_dir: Path) -> dict:
     log.info(f"run dir: {run_dir}")
     log.info(f"sampling {count} images from {checkpoint.resolve(cfg.ckpt)} with "
              f"{cfg.sampler.kind}, {steps} steps, seed {cfg.seed}, on {device}"
-             + (f", label {cfg.label}" if cfg.label is not None else "")
-             + (f", {len(set(prompts))} prompt(s)" if prompts else "")
+             + (f", label {cfg.label}" if cfg.label is not None else "") + condition.describe(prompts)
              + (f", guidance {cfg.guidance_scale}" if labels is not None else ""))
     started = time.perf_counter()
     with autocast(device, cfg.precision):
@@ -67,14 +67,10 @@ def sample_from_checkpoint(cfg: DictConfig, run_dir: Path) -> dict:
     torch.save(images, run_dir / "samples.pt")
     if cfg.save_images:
         save_each(images, run_dir / "images")
-        if prompts:
-            write_prompts_file(run_dir / "prompts.jsonl", prompts, image_seeds(cfg.seed, count), cfg)
-        log.info(f"wrote {count} PNG files to {run_dir / 'images'}" + (" and prompts.jsonl" if prompts else ""))
+        also = condition.write_prompts(run_dir / "prompts.jsonl", prompts, image_seeds(cfg.seed, count), cfg)
+        log.info(f"wrote {count} PNG files to {run_dir / 'images'}{also}")
     metrics = {}
     if cfg.eval or train_cfg.data.kind == "gradients":
-        if prompts and shown_classes is None and train_cfg.data.get("captions") == "labels":
-            log.info("label_accuracy: some prompts follow none of the data's caption templates, so "
-                     "the digit each should show is unknown; left out")
         metrics = sample_quality(images, train_cfg.data, shown_classes)
         by_class = metrics.pop("label_accuracy_by_class", {})
         log.info("quality: " + ", ".join(f"{key} {value:.4f}" for key, value in metrics.items()))
@@ -86,15 +82,6 @@ def sample_from_checkpoint(cfg: DictConfig, run_dir: Path) -> dict:
     log.info(f"wrote {grid} and {run_dir / 'samples.pt'}")
     return {**{key: value for key, value in metrics.items() if isinstance(value, float)},
             "sampling_s": sampling_s}
-
-
-def write_prompts_file(path: Path, prompts: list[str], seeds: list[int], cfg: DictConfig) -> None:
-    """prompts.jsonl: for each PNG of images/, its prompt and the seed of its initial noise."""
-    with atomic_write(path) as file:
-        for index, (prompt, seed) in enumerate(zip(prompts, seeds)):
-            file.write(json.dumps({"file_name": f"images/{index:06d}.png", "prompt": prompt,
-                                   "negative_prompt": cfg.negative_prompt, "seed": seed,
-                                   "guidance_scale": cfg.guidance_scale}) + "\n")
 
 
 @hydra.main(version_base="1.3", config_path="pkg://diffusion_cli.conf", config_name="sample")

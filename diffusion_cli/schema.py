@@ -2,12 +2,14 @@
 metadata the range check (`check`) that validation applies, so that a key is declared once beside
 its code (plus its default and doc line in the group's YAML)."""
 
+import re
 import types
 import typing
 from dataclasses import MISSING as NO_DEFAULT, field, fields, make_dataclass
+from importlib.resources import files
 from typing import Any, Callable, Optional
 
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 
 def check(test: Callable[[Any], bool], allowed: str, default=NO_DEFAULT) -> Any:
@@ -40,3 +42,45 @@ def rules_of(prefix: str, classes) -> list[tuple[str, Callable, str]]:
             if "check" in f.metadata:
                 rules.setdefault(f"{prefix}.{f.name}", f.metadata["check"])
     return [(key, test, allowed) for key, (test, allowed) in rules.items()]
+
+
+def group_options(group: str) -> str:
+    """The options of a config group, as --help lists them: ddpm|ddim|..."""
+    folder = files("diffusion_cli.conf").joinpath(group)
+    return "|".join(sorted(path.name[:-5] for path in folder.iterdir() if path.name.endswith(".yaml"))
+                    if folder.is_dir() else [])
+
+
+def option_keys(group: str, option: str) -> set[str]:
+    """The keys a group option's YAML sets, those of the options it extends included."""
+    path = files("diffusion_cli.conf").joinpath(group, f"{option}.yaml")
+    if not path.is_file():
+        return set()
+    node = OmegaConf.create(path.read_text())
+    keys = set(node) - {"defaults"}
+    for parent in node.get("defaults", []):
+        if isinstance(parent, str) and not parent.startswith(("/", "_self_")):
+            keys |= option_keys(group, parent)
+    return keys
+
+
+# Keys that moved: old name -> new name (checkpoint.migrated moves them in saved configs).
+MOVED = {"data.caption_dropout": "trainer.cond_drop_prob"}
+
+
+def other_kinds_key(message: str) -> str | None:
+    """For Hydra's error on a key that the chosen option of its group lacks, the one line naming
+    the options that have it (None where no option has it)."""
+    match = re.search(r"Could not override '(\w+)\.(\w+)'", message)
+    if not match or "not in" not in message:
+        return None
+    group, key = match.groups()
+    if f"{group}.{key}" in MOVED:
+        return (f"{group}.{key} is now {MOVED[group + '.' + key]} (one key for class labels and captions): "
+                f"use {MOVED[group + '.' + key]}=...")
+    have = [option for option in group_options(group).split("|") if key in option_keys(group, option)] \
+        if group_options(group) else []
+    if not have:
+        return None
+    return (f"{group}.{key} is a key of {group}={'|'.join(have)}; add {group}={have[0]} (each {group} "
+            f"option has its own keys: --cfg job shows this run's)")

@@ -21,7 +21,7 @@ from .autoencoder import build_autoencoder
 from .data import Split, to_model_range
 from .data.rows import RowFile, cache_dir
 from .errors import UserError
-from .models import image_shape
+from .models import image_shape, size_factor
 from .models.autoencoder import AutoencoderKL
 from .models.pretrained import DiffusersAutoencoder, fingerprint
 
@@ -143,16 +143,28 @@ def latent_diffusion(cfg) -> bool:
         cfg.autoencoder.kind == "diffusers" or cfg.autoencoder.get("ckpt") is not None)
 
 
+_LOADED: dict[tuple, LatentSpace] = {}  # the autoencoders of this process, loaded once each
+
+
 def run_space(cfg, state: dict | None = None, device="cpu") -> Space:
     """A training run's space: the autoencoder a resumed run's checkpoint embeds (so that it needs
-    no other file), else the config's, else the data's pixels."""
+    no other file), else the config's (loaded once per process: the checks before the run and the
+    run share it), else the data's pixels."""
     if state is not None:
         return checkpoint_space(state, device)
     if not latent_diffusion(cfg):
         return PixelSpace(image_shape(cfg.data))
-    if cfg.autoencoder.kind == "diffusers":
-        return pretrained_latent_space(cfg.autoencoder.path, cfg.autoencoder.subfolder, image_shape(cfg.data), device)
-    return load_autoencoder(cfg.autoencoder.ckpt, device)
+    ae, shape = cfg.autoencoder, image_shape(cfg.data)
+    if ae.kind == "diffusers":
+        key = ("diffusers", ae.path, ae.subfolder, shape, str(device))
+        load = lambda: pretrained_latent_space(ae.path, ae.subfolder, shape, device)  # noqa: E731
+    else:
+        path = checkpoint.resolve(ae.ckpt, key="autoencoder.ckpt")
+        key = ("ckpt", str(path.resolve()), path.stat().st_mtime_ns, str(device))
+        load = lambda: load_autoencoder(ae.ckpt, device)  # noqa: E731
+    if key not in _LOADED:
+        _LOADED[key] = load()
+    return _LOADED[key]
 
 
 def checkpoint_space(state: dict, device="cpu") -> Space:
@@ -226,3 +238,29 @@ def cached_latents(latents: LatentSpace, split: Split, batch_size: int) -> Split
         torch.save(encoded, file)
     log.info(f"encoded {len(encoded):,} training images once into {path}")
     return split._replace(images=encoded)
+
+
+def check_config(cfg) -> None:
+    """Before a latent diffusion run (autoencoder.ckpt= or autoencoder=diffusers): the autoencoder
+    must be one, for images of the data's channels, and both it and the denoiser must divide the
+    image size. It is loaded now, and kept for the run (once per process). A resumed run uses the
+    autoencoder its checkpoint embeds: nothing to check."""
+    kind = cfg.autoencoder.kind
+    if kind == "diffusers" and cfg.autoencoder.path is None:
+        raise UserError("autoencoder=diffusers needs autoencoder.path: a hub name (stabilityai/sd-vae-ft-mse) "
+                        "or a local folder with a diffusers AutoencoderKL")
+    if not latent_diffusion(cfg) or cfg.get("resume") is not None:
+        return
+    latents = run_space(cfg)
+    key = "autoencoder.path" if kind == "diffusers" else "autoencoder.ckpt"
+    channels, height, width = image_shape(cfg.data)
+    if channels != latents.image_shape[0]:
+        raise UserError(f"{key}={latents.source} encodes {latents.image_shape[0]}-channel images, data="
+                        f"{cfg.data.kind} has {channels}: train an autoencoder on this data "
+                        f"(diffusion-train task=autoencoder data=...)")
+    f, m = latents.model.factor, size_factor(cfg.model)
+    if height % (f * m) or width % (f * m):
+        raise UserError(f"latent diffusion: the autoencoder (f={f}) and model={cfg.model.kind} (which divides "
+                        f"its input by {m}) need image sizes divisible by {f * m}, got {height}x{width}: use "
+                        f"such a size (data.image_size={-(-height // (f * m)) * f * m}), or a model for "
+                        f"{height // f}x{width // f} latents (fewer model.channel_mults, or model.patch_size=1)")

@@ -11,11 +11,12 @@ from omegaconf import DictConfig
 
 from . import plots
 from .autoencoder import ReconstructionEvaluator, build_autoencoder, first_images, latent_statistics, psnr_line
+from .conditions import condition_of, text_config
 from .data import Split
-from .conditions import condition_of
+from .errors import UserError
 from .evaluate import QUALITY_SAMPLER, Evaluator, due, evaluate
 from .metrics import QUALITY_KEYS
-from .models import build_model, pretrained, text_config
+from .models import build_model, pretrained
 from .objectives import autoencoder_loss, training_loss
 from .runtime import autocast, use_channels_last
 from .schedule import NoiseSchedule
@@ -123,3 +124,16 @@ class AutoencoderTask:
 
 
 TASKS = {"diffusion": DenoiserTask, "autoencoder": AutoencoderTask}
+
+
+def check_config(cfg) -> None:
+    """Before a task=autoencoder run: the autoencoder must be one this project trains, and the
+    perceptual term's weights are loaded now (once per process), so that missing ones stop the run
+    before anything is written."""
+    if cfg.get("task") != "autoencoder":
+        return
+    if cfg.autoencoder.kind == "diffusers":
+        raise UserError("autoencoder=diffusers is pretrained, not trained here: train a denoiser on its latents "
+                        "(task=diffusion, the default), or an autoencoder of your own (autoencoder=kl_f4)")
+    if cfg.autoencoder.get("perceptual_weight", 0) > 0:
+        pretrained.lpips_vgg()

@@ -16,9 +16,11 @@ import json
 import logging
 import secrets
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import List, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from .atomic import atomic_write
 from .errors import UserError
@@ -265,3 +267,21 @@ class Trackers:
         if self.saved:
             with atomic_write(self.run_dir / STATE_FILE) as file:
                 file.write(json.dumps(self.saved, indent=2))
+
+
+# The config group's schema (conf/ holds the values and their docs).
+@dataclass
+class WandbConfig:
+    project: str = MISSING
+    entity: Optional[str] = MISSING
+    group: Optional[str] = MISSING
+    tags: List[str] = MISSING
+    name: Optional[str] = MISSING
+    mode: Optional[str] = MISSING
+
+
+@dataclass
+class MLflowConfig:
+    tracking_uri: Optional[str] = MISSING
+    experiment: str = MISSING
+    run_name: Optional[str] = MISSING

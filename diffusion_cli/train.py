@@ -8,7 +8,6 @@ import json
 import logging
 import time
 from contextlib import nullcontext
-from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 

@@ -97,9 +97,10 @@ def test_wheel_install_finds_its_config_from_another_directory(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     code = (
-        "import diffusion_cli, diffusion_cli.config\n"
+        "import sys, diffusion_cli, diffusion_cli.config, diffusion_cli.train, diffusion_cli.sample\n"
         "from hydra import compose, initialize_config_module\n"
-        f"assert diffusion_cli.__file__.startswith({str(target)!r}), diffusion_cli.__file__\n"
+        "loaded = [m.__file__ for name, m in sys.modules.items() if name.startswith('diffusion_cli')]\n"
+        f"assert all(f.startswith({str(target)!r}) for f in loaded if f), loaded\n"
         "with initialize_config_module('diffusion_cli.conf', version_base='1.3'):\n"
         "    cfg = compose('train', overrides=['model=unet', 'data=mnist'])\n"
         "print(cfg.model.kind, cfg.data.kind, cfg.schedule.T)\n"

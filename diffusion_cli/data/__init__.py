@@ -5,13 +5,14 @@ Adding a dataset is one row in DATASETS and one YAML file in conf/data/.
 """
 
 import logging
-from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, List, NamedTuple, Optional
 
 import torch
+from omegaconf import MISSING
 
 from ..errors import UserError
-from .captions import label_captions
+from .captions import with_captions
 from .folder import folder_captions, folder_classes, load_folder
 from .gradients import gradient_grid, load_gradients, make_gradients
 from .rows import RowFile, cache_entry, read_entry, write_entry
@@ -96,43 +97,13 @@ def load_data(data_cfg) -> tuple[Split, Split]:
                         f"{'x'.join(map(str, shape))}; leave those keys at their defaults")
     (train, train_labels), (evaluation, eval_labels) = dataset.load(data_cfg)
     train, evaluation = Split(train, train_labels), Split(evaluation, eval_labels)
-    if data_cfg.get("captions", "none") != "none":
-        train, evaluation = with_captions(data_cfg, train, evaluation)
+    train, evaluation = with_captions(data_cfg, train, evaluation, dataset.captions, lambda: class_names(data_cfg))
     if streams(data_cfg, train.images):
         if not isinstance(train.images, RowFile):
             train = train._replace(images=cache_rows(data_cfg, train.images))
     elif isinstance(train.images, RowFile):
         train = train._replace(images=train.images.read_all())
     return train, evaluation._replace(images=to_model_range(evaluation.images))
-
-
-def with_captions(data_cfg, train: Split, evaluation: Split) -> tuple[Split, Split]:
-    """The splits with their caption groups (see captions.py); images without a caption are
-    reported in one line, then trained with the empty caption or left out
-    (data.missing_captions)."""
-    kind = data_cfg.captions  # config.check_captions made sure the data has such captions
-    if kind == "labels":
-        groups = label_captions(data_cfg, class_names(data_cfg))
-        return train._replace(captions=groups), evaluation._replace(captions=groups)
-    groups = DATASETS[data_cfg.kind].captions(data_cfg)
-    missing = sum(not group for group in groups)
-    if missing == len(groups):
-        raise UserError(f"data.captions={kind}: none of the {len(groups)} images of {data_cfg.path} "
-                        f"has a caption; check the file names in the metadata, or use data.captions=none")
-    if missing:
-        if data_cfg.missing_captions == "skip":
-            what = "left out (data.missing_captions=skip)"
-        else:
-            what = "trained with the empty caption (data.missing_captions=skip leaves them out)"
-        log.warning(f"{missing} of {len(groups)} images have no caption: {what}")
-    if data_cfg.missing_captions == "skip":
-        captioned = torch.tensor([bool(group) for group in groups])
-        train, evaluation = train.keep(captioned[train.labels]), evaluation.keep(captioned[evaluation.labels])
-        if not len(train.labels) or not len(evaluation.labels):
-            raise UserError(f"data.missing_captions=skip leaves no {'training' if not len(train.labels) else 'held-out'} "
-                            f"images: use data.missing_captions=empty, or caption more images")
-    groups = [group or [""] for group in groups]
-    return train._replace(captions=groups), evaluation._replace(captions=groups)
 
 
 def streams(data_cfg, train) -> bool:
@@ -152,3 +123,29 @@ def cache_rows(data_cfg, images: torch.Tensor) -> RowFile:
     pixels, meta_path = cache_entry(data_cfg.kind, key)
     meta = read_entry(meta_path) or write_entry(pixels, meta_path, images.split(4096), {})
     return RowFile(pixels, tuple(meta["shape"]), torch.arange(meta["shape"][0]))
+
+
+# The config group's schema (conf/ holds the values and their docs).
+@dataclass
+class DataConfig:
+    kind: str = MISSING
+    root: Optional[str] = MISSING
+    download: bool = MISSING
+    channels: int = MISSING
+    height: int = MISSING
+    width: int = MISSING
+    num_train: int = MISSING
+    num_eval: int = MISSING
+    hflip: bool = MISSING
+    in_memory: Any = MISSING                # true | false | auto
+    num_workers: int = MISSING
+    path: Optional[str] = None              # data=folder's own keys
+    image_size: Optional[int] = None
+    labels: str = "none"
+    classes: Optional[List[str]] = None     # filled in by training from the data: the class names
+    captions: str = "none"                  # captions (data/captions.py); documented in the data YAMLs
+    caption_column: str = "text"
+    missing_captions: str = "empty"
+    caption_templates: List[str] = field(default_factory=lambda: [
+        "{name}", "a {name}", "a picture of a {name}", "a photo of a {name}"])
+    held_out_template: str = "an image of a {name}"

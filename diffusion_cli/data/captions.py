@@ -141,3 +141,35 @@ class CaptionTable:
 
     def first(self, groups: torch.Tensor) -> torch.Tensor:
         return self.tokens[self.options[groups.to(self.options.device), 0]]
+
+
+def with_captions(data_cfg, train, evaluation, read_captions, classes) -> tuple:
+    """The splits with their caption groups, where data.captions asks for them: made from the
+    `classes()` names, or each image's as the data set's `read_captions(data_cfg)` gives them.
+    Images without a caption are reported in one line, then trained with the empty caption or left
+    out (data.missing_captions). conditions.check_config made sure the data has such captions."""
+    kind = data_cfg.get("captions", "none")
+    if kind == "none":
+        return train, evaluation
+    if kind == "labels":
+        groups = label_captions(data_cfg, classes())
+        return train._replace(captions=groups), evaluation._replace(captions=groups)
+    groups = read_captions(data_cfg)
+    missing = sum(not group for group in groups)
+    if missing == len(groups):
+        raise UserError(f"data.captions={kind}: none of the {len(groups)} images of {data_cfg.path} "
+                        f"has a caption; check the file names in the metadata, or use data.captions=none")
+    if missing:
+        if data_cfg.missing_captions == "skip":
+            what = "left out (data.missing_captions=skip)"
+        else:
+            what = "trained with the empty caption (data.missing_captions=skip leaves them out)"
+        log.warning(f"{missing} of {len(groups)} images have no caption: {what}")
+    if data_cfg.missing_captions == "skip":
+        captioned = torch.tensor([bool(group) for group in groups])
+        train, evaluation = train.keep(captioned[train.labels]), evaluation.keep(captioned[evaluation.labels])
+        if not len(train.labels) or not len(evaluation.labels):
+            raise UserError(f"data.missing_captions=skip leaves no {'training' if not len(train.labels) else 'held-out'} "
+                            f"images: use data.missing_captions=empty, or caption more images")
+    groups = [group or [""] for group in groups]
+    return train._replace(captions=groups), evaluation._replace(captions=groups)

@@ -4,7 +4,10 @@ tokens (B, L) for a text-conditioned one (model.text; models/text_encoder.py); i
 tensor shaped like x_t: the noise, the clean image or v, as its `prediction` attribute says (set
 from model.prediction)."""
 
-from omegaconf import OmegaConf
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from omegaconf import MISSING, OmegaConf
 from torch import nn
 
 from ..errors import UserError
@@ -26,13 +29,6 @@ def size_factor(model_cfg) -> int:
     if model_cfg.kind == "resunet":
         return 2 ** (len(model_cfg.channel_mults) - 1)
     return {"unet": 4, "dit": model_cfg.get("patch_size", 1)}.get(model_cfg.kind, 1)
-
-
-def text_config(cfg):
-    """The run's text_encoder config when its data has captions, else None."""
-    if cfg.data.get("captions", "none") == "none":
-        return None
-    return OmegaConf.to_container(cfg.text_encoder, resolve=True)
 
 
 def build_model(model_cfg, data_cfg, text_cfg: dict | None = None) -> nn.Module:
@@ -57,3 +53,43 @@ def build_model(model_cfg, data_cfg, text_cfg: dict | None = None) -> nn.Module:
         raise UserError(str(error)) from None
     model.prediction = model_cfg.get("prediction", "eps")  # checkpoints before it predicted eps
     return model
+
+
+# The config group's schema (conf/ holds the values and their docs).
+@dataclass
+class ModelConfig:
+    kind: str = MISSING
+    prediction: str = MISSING
+    num_classes: int = MISSING
+
+
+@dataclass
+class MLPConfig(ModelConfig):
+    width: int = MISSING
+    depth: int = MISSING
+
+
+@dataclass
+class UNetConfig(ModelConfig):
+    base_channels: int = MISSING
+    time_dim: int = MISSING
+
+
+@dataclass
+class ResUNetConfig(ModelConfig):
+    base_channels: int = MISSING
+    channel_mults: List[int] = MISSING
+    num_res_blocks: int = MISSING
+    attention: bool = MISSING
+    dropout: float = MISSING
+    attention_resolutions: List[int] = field(default_factory=list)
+    cross_attention_resolutions: Optional[List[int]] = None
+
+
+@dataclass
+class DiTConfig(ModelConfig):
+    patch_size: int = MISSING
+    width: int = MISSING
+    depth: int = MISSING
+    heads: int = MISSING
+    position: str = MISSING

@@ -13,8 +13,10 @@ trains and classifier-free guidance uses.
 """
 
 import logging
+from dataclasses import dataclass
 
 import torch
+from omegaconf import MISSING
 from torch import nn
 from torch.nn import functional as F
 
@@ -159,3 +161,20 @@ def tokenize(encoder: nn.Module, captions: list[str], what: str = "captions") ->
 def padded(tokens: torch.Tensor, length: int) -> torch.Tensor:
     """Tokens (N, L) padded with PAD to (N, length)."""
     return F.pad(tokens, (0, length - tokens.shape[1]), value=PAD)
+
+
+# The config group's schema (conf/ holds the values and their docs).
+@dataclass
+class TextEncoderConfig:
+    kind: str = MISSING
+    width: int = MISSING
+    depth: int = MISSING
+    heads: int = MISSING
+    max_length: int = MISSING
+
+
+@dataclass
+class ClipTextEncoderConfig:
+    kind: str = MISSING
+    path: str = MISSING
+    max_length: int = MISSING

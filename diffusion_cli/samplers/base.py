@@ -12,7 +12,6 @@ themselves by `kind`; `samplers/__init__.py` imports every module of the package
 is its module plus its YAML.
 """
 
-import math
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable, ClassVar, NamedTuple
