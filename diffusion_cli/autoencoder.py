@@ -11,6 +11,7 @@ from omegaconf import MISSING, OmegaConf
 from .data import Split, to_model_range
 from .data.rows import RowFile
 from .errors import UserError
+from .schema import check, levels, non_negative, one_of, positive
 from .images import save_grid, to_unit
 from .models.autoencoder import AutoencoderKL, kl_divergence, psnr, reconstruction_error
 from .runtime import eval_mode
@@ -98,26 +99,28 @@ def psnr_line(result: dict) -> str:
 
 
 # The config group's schema (conf/ holds the values and their docs).
+AUTOENCODER_KINDS = ("kl", "diffusers")  # trained here with task=autoencoder; pretrained (spaces.py)
+
+
 @dataclass
 class AutoencoderConfig:
-    kind: str = MISSING
-    base_channels: int = MISSING
-    channel_mults: List[int] = MISSING
-    num_res_blocks: int = MISSING
-    z_channels: int = MISSING
-    loss: str = MISSING
-    kl_weight: float = MISSING
+    kind: str = one_of(AUTOENCODER_KINDS)
+    base_channels: int = positive()
+    channel_mults: List[int] = levels()
+    num_res_blocks: int = positive()
+    z_channels: int = positive()
+    loss: str = one_of(("l1", "l2"))
+    kl_weight: float = non_negative("a number >= 0, e.g. 1e-6")
     shift: bool = MISSING
-    perceptual_weight: float = 0.0
-    scale_images: int = MISSING
+    perceptual_weight: float = check(lambda v: v >= 0, "a number >= 0 (0: no LPIPS term; Rombach et al.: 1)", 0.0)
+    scale_images: int = positive()
     ckpt: Optional[str] = MISSING
     cache_latents: bool = MISSING
 
 
 @dataclass
 class DiffusersAutoencoderConfig:
-    kind: str = MISSING
+    kind: str = one_of(AUTOENCODER_KINDS)
     path: Optional[str] = MISSING
     subfolder: Optional[str] = MISSING
-    ckpt: Optional[str] = MISSING
     cache_latents: bool = MISSING

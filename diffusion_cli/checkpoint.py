@@ -7,8 +7,8 @@ frozen autoencoder, its config and scale: autoencoder.LatentSpace.state()),
 `config` (the whole resolved run config as plain containers), `rng` (the device type and every
 rank's generator states, as tensors) and `lr_rewarm` (after a resume that moved the learning-rate
 curve). `load()` rebuilds model and schedule from that dict alone; `save_training()` and
-`restore()` write and read the whole training state, and `resumed_config()` decides what a
-resumed run may change.
+`restore()` write and read the whole training state (config.resumed_config decides what a resumed
+run may change).
 """
 
 import json
@@ -82,7 +82,11 @@ def migrated(config: dict) -> dict:
     """A saved config in today's form; every change of the config's shape is undone here, once.
     - Before each schedule kind had keys of its own, cosine and edm kept beta_start and beta_end
       (null): dropped.
-    - data.caption_dropout was the captions' own dropout: it is trainer.cond_drop_prob now."""
+    - data.caption_dropout was the captions' own dropout: it is trainer.cond_drop_prob now.
+    - autoencoder=diffusers kept an unused autoencoder.ckpt (null): dropped."""
+    autoencoder = config.get("autoencoder", {})
+    if autoencoder.get("kind") == "diffusers":
+        autoencoder.pop("ckpt", None)
     data, trainer = config.get("data", {}), config.get("trainer", {})
     if "caption_dropout" in data:
         dropout = data.pop("caption_dropout")
@@ -199,40 +203,6 @@ def _random_states(rng: dict) -> tuple[str, list[dict]]:
         return rng["device_type"], rng["ranks"]
     streams = rng.get("train_ranks", [rng["train"]])
     return "cpu", [{"train": stream, "torch": rng["torch"]} for stream in streams]
-
-
-# Keys that may change when a run is resumed: how long it runs, where, and what it logs and keeps.
-RESUMABLE = ("trainer.max_steps", "trainer.device", "trainer.log_every", "trainer.eval_every",
-             "trainer.sample_every", "trainer.checkpoint_every", "trainer.keep_checkpoints",
-             "trainer.num_grid_images", "trainer.quality_every", "trainer.num_quality_images",
-             "trainer.max_nonfinite_skips", "trainer.precision", "trainer.compile", "sampler",
-             "logger", "sweep")
-
-
-def resumed_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, dict]:
-    """The checkpoint's own config with the command line's resumable overrides applied, and the
-    checkpoint itself. Any other override is refused: it would not be the same run. The caller
-    validates the result."""
-    state = read(cfg.resume, key="resume")
-    saved = OmegaConf.create(state["config"])
-    for group in ("trainer", "data"):  # keys newer than the checkpoint: the defaults
-        for key, value in cfg[group].items():
-            saved[group].setdefault(key, value)
-    for key in ("task", "autoencoder", "text_encoder"):  # groups newer than it (pixel space, no text)
-        saved.setdefault(key, cfg[key])
-    for override in overrides:
-        key = override.partition("=")[0].lstrip("+~")
-        if key == "resume" or key.startswith("hydra."):
-            continue
-        if not any(key == allowed or key.startswith(allowed + ".") for allowed in RESUMABLE):
-            raise UserError(f"{key} cannot change when resuming (the run has {key}="
-                            f"{OmegaConf.select(saved, key)}): drop that override, or start a new run")
-        OmegaConf.update(saved, key, OmegaConf.select(cfg, key), merge=False)
-    saved.resume = cfg.resume
-    if state["step"] >= saved.trainer.max_steps:
-        raise UserError(f"resume={cfg.resume} is at step {state['step']}, trainer.max_steps is "
-                        f"{saved.trainer.max_steps}: raise trainer.max_steps to train further")
-    return saved, state
 
 
 def run_dir_of(path: str | Path) -> Path:

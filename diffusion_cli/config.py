@@ -15,77 +15,77 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from . import checkpoint, conditions, spaces, tasks
 from .autoencoder import AutoencoderConfig, DiffusersAutoencoderConfig
-from .data import DATASETS, DataConfig
-from .data.captions import FORMATS as CAPTION_FORMATS
+from .data import DataConfig
 from .errors import UserError
 from .metrics import quality_keys
-from .models import MODELS, DiTConfig, MLPConfig, ResUNetConfig, UNetConfig
-from .models.text_encoder import ENCODERS, ClipTextEncoderConfig, TextEncoderConfig
+from .models import MODEL_SCHEMAS
+from .models.text_encoder import ClipTextEncoderConfig, TextEncoderConfig
 from .runtime import PRECISIONS, resolve_device
 from .samplers import SAMPLERS
-from .schema import group_options, rules_of, schema_of
-from .schedule import PREDICTIONS, SCHEDULE_KINDS, SCHEDULES
+from .schema import (check, group_options, non_negative, one_of, plain, positive, resumable_keys, rules_of,
+                     schema_of)
+from .schedule import SCHEDULES
 from .tracking import MLflowConfig, WandbConfig, check_available
 
 
 @dataclass
 class TrainerConfig:
-    seed: int = MISSING
-    device: str = MISSING
-    batch_size: int = MISSING
-    lr: float = MISSING
-    lr_warmup_steps: int = MISSING
-    lr_schedule: str = MISSING
-    weight_decay: float = MISSING
-    loss_weighting: str = MISSING
-    ema_decay: float = MISSING
-    cond_drop_prob: float = MISSING
-    max_steps: int = MISSING
-    log_every: int = MISSING
-    eval_every: int = MISSING
-    sample_every: int = MISSING
-    checkpoint_every: int = MISSING
-    keep_checkpoints: int = MISSING
-    num_eval_images: int = MISSING
-    num_grid_images: int = MISSING
-    quality_every: int = MISSING
-    num_quality_images: int = MISSING
-    max_nonfinite_skips: int = MISSING
-    grad_clip: float = MISSING
-    precision: str = MISSING
-    compile: bool = MISSING
+    """The trainer group; `resumable` keys may change when a run is resumed (how long it runs,
+    where, and what it logs and keeps), the others would make it another run."""
+    seed: int = plain()
+    device: str = plain(resumable=True)
+    batch_size: int = positive()
+    lr: float = check(lambda v: v > 0, "a number > 0", MISSING)
+    lr_warmup_steps: int = non_negative()
+    lr_schedule: str = one_of(("cosine", "constant"))
+    weight_decay: float = non_negative("a number >= 0")
+    loss_weighting: str = one_of(("none", "min_snr"))
+    ema_decay: float = check(lambda v: 0 <= v < 1, "a number from 0 (no EMA) to below 1, e.g. 0.999", MISSING)
+    cond_drop_prob: float = check(lambda v: 0 <= v <= 1, "a probability from 0 to 1", MISSING)
+    max_steps: int = positive(resumable=True)
+    log_every: int = positive(resumable=True)
+    eval_every: int = non_negative("an integer >= 0 (0: only at the end)", resumable=True)
+    sample_every: int = non_negative("an integer >= 0 (0: only at the end)", resumable=True)
+    checkpoint_every: int = non_negative("an integer >= 0 (0: only at the end)", resumable=True)
+    keep_checkpoints: int = non_negative(resumable=True)
+    num_eval_images: int = positive()
+    num_grid_images: int = positive(resumable=True)
+    quality_every: int = non_negative("an integer >= 0 (0: only at the end)", resumable=True)
+    num_quality_images: int = non_negative("an integer >= 0 (0: no quality metrics)", resumable=True)
+    max_nonfinite_skips: int = non_negative(resumable=True)
+    grad_clip: float = non_negative("a number >= 0 (0: no clipping)")
+    precision: str = one_of(PRECISIONS, resumable=True)
+    compile: bool = plain(resumable=True)
 
 
 @dataclass
 class SampleConfig:
     """diffusion-sample's own keys; the model, schedule and data come from the checkpoint."""
     ckpt: str = MISSING
-    num_samples: int = MISSING
-    batch_size: int = MISSING
+    num_samples: int = positive()
+    batch_size: int = positive()
     seed: int = MISSING
     device: str = MISSING
-    nrow: int = MISSING
+    nrow: int = non_negative("an integer >= 0 (0: a square grid)")
     label: Optional[str] = MISSING
     prompt: Any = MISSING                   # a string, a list of strings, or null
     prompts_file: Optional[str] = MISSING
     negative_prompt: Optional[str] = MISSING
-    guidance_scale: float = MISSING
+    guidance_scale: float = non_negative("a number >= 0 (1: plain conditional, 0: unconditional)")
     use_ema: bool = MISSING
     eval: bool = MISSING
     save_images: bool = MISSING
-    precision: str = MISSING
+    precision: str = one_of(PRECISIONS)
     compile: bool = MISSING
-    overwrite: bool = MISSING
+    overwrite: bool = check(lambda v: isinstance(v, bool), "true or false", MISSING)
     sampler: Any = MISSING
 
 
 def register_schemas() -> None:
     store = ConfigStore.instance()
     store.store(group="schema/data", name="data", node=DataConfig)
-    store.store(group="schema/model", name="mlp", node=MLPConfig)
-    store.store(group="schema/model", name="unet", node=UNetConfig)
-    store.store(group="schema/model", name="resunet", node=ResUNetConfig)
-    store.store(group="schema/model", name="dit", node=DiTConfig)
+    for kind, model in MODEL_SCHEMAS.items():
+        store.store(group="schema/model", name=kind, node=model)
     store.store(group="schema/text_encoder", name="tiny", node=TextEncoderConfig)
     store.store(group="schema/text_encoder", name="clip", node=ClipTextEncoderConfig)
     store.store(group="schema/autoencoder", name="kl", node=AutoencoderConfig)
@@ -123,94 +123,52 @@ OmegaConf.register_new_resolver("resume_run_dir", resume_run_dir, replace=True)
 OmegaConf.register_new_resolver("resume_output_subdir", resume_output_subdir, replace=True)
 
 
-LR_SCHEDULES = ("cosine", "constant")
-LOSS_WEIGHTINGS = ("none", "min_snr")
-
-
-# Range checks: (full key, test, what is allowed). Keys absent from a config are skipped.
-def _positive(v): return v >= 1
-def _non_negative(v): return v >= 0
-
-
-def _one_of(choices):
-    return lambda v: v in choices, f"one of: {', '.join(choices)}"
-
-
+# Range checks: (full key, test, what is allowed), from the schemas' field metadata, and for the
+# top-level keys that have no schema. Keys absent from a config are skipped.
 RULES = [
-    ("data.kind", *_one_of(tuple(DATASETS))),
-    ("model.kind", *_one_of(tuple(MODELS))),
-    ("schedule.kind", *_one_of(SCHEDULE_KINDS)),
-    ("sampler.kind", *_one_of(SAMPLERS)),
-    ("data.num_train", _positive, "an integer >= 1"),
-    ("data.num_eval", _positive, "an integer >= 1"),
-    ("data.channels", _positive, "an integer >= 1"),
-    ("data.height", _positive, "an integer >= 1"),
-    ("data.width", _positive, "an integer >= 1"),
-    ("data.image_size", lambda v: v is None or v >= 1, "an integer >= 1, e.g. 32 or 64"),
-    ("data.labels", *_one_of(("none", "subfolders"))),
-    ("data.captions", *_one_of(("none", "auto", *CAPTION_FORMATS, "labels"))),
-    ("data.missing_captions", *_one_of(("empty", "skip"))),
-    ("task", *_one_of(("diffusion", "autoencoder"))),
-    ("autoencoder.kind", *_one_of(("kl", "diffusers"))),
-    ("autoencoder.base_channels", _positive, "an integer >= 1"),
-    ("autoencoder.channel_mults", lambda v: len(v) >= 1 and min(v) >= 1, "a list of integers >= 1, e.g. [1,2,2]"),
-    ("autoencoder.num_res_blocks", _positive, "an integer >= 1"),
-    ("autoencoder.z_channels", _positive, "an integer >= 1"),
-    ("autoencoder.loss", *_one_of(("l1", "l2"))),
-    ("autoencoder.kl_weight", _non_negative, "a number >= 0, e.g. 1e-6"),
-    ("autoencoder.scale_images", _positive, "an integer >= 1"),
-    ("autoencoder.perceptual_weight", _non_negative, "a number >= 0 (0: no LPIPS term; Rombach et al.: 1)"),
-    ("text_encoder.kind", *_one_of(tuple(ENCODERS))),
-    ("text_encoder.width", _positive, "an integer >= 1"),
-    ("text_encoder.depth", _non_negative, "an integer >= 0"),
-    ("text_encoder.heads", _positive, "an integer >= 1 that divides text_encoder.width"),
-    ("text_encoder.max_length", lambda v: v >= 2, "an integer >= 2 (tokens, the start token included)"),
-    ("data.in_memory", lambda v: v in (True, False, "auto"), "true, false or auto"),
-    ("data.num_workers", _non_negative, "an integer >= 0 (0: read in the training process)"),
-    ("model.width", _positive, "an integer >= 1"),
-    ("model.depth", _non_negative, "an integer >= 0"),
-    ("model.base_channels", _positive, "an integer >= 1"),
-    ("model.time_dim", lambda v: v >= 2 and v % 2 == 0, "an even integer >= 2"),
-    ("model.prediction", *_one_of(PREDICTIONS)),
-    ("model.num_classes", _non_negative, "an integer >= 0 (0: unconditional)"),
-    ("model.channel_mults", lambda v: len(v) >= 1 and min(v) >= 1, "a list of integers >= 1, e.g. [1,2,2]"),
-    ("model.num_res_blocks", _positive, "an integer >= 1"),
-    ("model.dropout", lambda v: 0 <= v < 1, "a number from 0 to below 1"),
-    ("model.patch_size", _positive, "an integer >= 1 that divides the image height and width"),
-    ("model.heads", _positive, "an integer >= 1 that divides model.width"),
-    ("model.position", *_one_of(("learned", "sinusoidal"))),
-    ("trainer.batch_size", _positive, "an integer >= 1"),
-    ("trainer.lr", lambda v: v > 0, "a number > 0"),
-    ("trainer.lr_warmup_steps", _non_negative, "an integer >= 0"),
-    ("trainer.lr_schedule", *_one_of(LR_SCHEDULES)),
-    ("trainer.weight_decay", _non_negative, "a number >= 0"),
-    ("trainer.loss_weighting", *_one_of(LOSS_WEIGHTINGS)),
-    ("trainer.ema_decay", lambda v: 0 <= v < 1, "a number from 0 (no EMA) to below 1, e.g. 0.999"),
-    ("trainer.cond_drop_prob", lambda v: 0 <= v <= 1, "a probability from 0 to 1"),
-    ("trainer.max_steps", _positive, "an integer >= 1"),
-    ("trainer.log_every", _positive, "an integer >= 1"),
-    ("trainer.eval_every", _non_negative, "an integer >= 0 (0: only at the end)"),
-    ("trainer.sample_every", _non_negative, "an integer >= 0 (0: only at the end)"),
-    ("trainer.checkpoint_every", _non_negative, "an integer >= 0 (0: only at the end)"),
-    ("trainer.keep_checkpoints", _non_negative, "an integer >= 0"),
-    ("trainer.num_eval_images", _positive, "an integer >= 1"),
-    ("trainer.num_grid_images", _positive, "an integer >= 1"),
-    ("trainer.quality_every", _non_negative, "an integer >= 0 (0: only at the end)"),
-    ("trainer.num_quality_images", _non_negative, "an integer >= 0 (0: no quality metrics)"),
-    ("trainer.max_nonfinite_skips", _non_negative, "an integer >= 0"),
-    ("trainer.grad_clip", _non_negative, "a number >= 0 (0: no clipping)"),
-    ("overwrite", lambda v: isinstance(v, bool), "true or false"),
-    ("trainer.precision", *_one_of(tuple(PRECISIONS))),
-    ("precision", *_one_of(tuple(PRECISIONS))),
-    ("sweep.direction", *_one_of(("minimize", "maximize"))),
-    ("logger.wandb.mode", lambda v: v in (None, "online", "offline", "disabled"), "online, offline, disabled or null"),
-    *rules_of("sampler", SAMPLERS.values()),
+    *rules_of("data", [DataConfig]),
+    *rules_of("model", MODEL_SCHEMAS.values()),
     *rules_of("schedule", SCHEDULES.values()),
-    ("num_samples", _positive, "an integer >= 1"),
-    ("batch_size", _positive, "an integer >= 1"),
-    ("nrow", _non_negative, "an integer >= 0 (0: a square grid)"),
-    ("guidance_scale", _non_negative, "a number >= 0 (1: plain conditional, 0: unconditional)"),
+    *rules_of("sampler", SAMPLERS.values()),
+    *rules_of("trainer", [TrainerConfig]),
+    *rules_of("text_encoder", [TextEncoderConfig, ClipTextEncoderConfig]),
+    *rules_of("autoencoder", [AutoencoderConfig, DiffusersAutoencoderConfig]),
+    *rules_of("logger.wandb", [WandbConfig]),
+    *rules_of("", [SampleConfig]),
+    ("sampler.kind", lambda v: v in SAMPLERS, f"one of: {', '.join(SAMPLERS)}"),
+    ("schedule.kind", lambda v: v in SCHEDULES, f"one of: {', '.join(SCHEDULES)}"),
+    ("task", lambda v: v in tasks.TASKS, f"one of: {', '.join(tasks.TASKS)}"),
+    ("overwrite", lambda v: isinstance(v, bool), "true or false"),
+    ("sweep.direction", lambda v: v in ("minimize", "maximize"), "one of: minimize, maximize"),
 ]
+# Keys that may change when a run is resumed: the trainer's resumable ones, and whole groups.
+RESUMABLE = (*resumable_keys("trainer", TrainerConfig), "sampler", "logger", "sweep")
+
+
+def resumed_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, dict]:
+    """The checkpoint's own config with the command line's resumable overrides applied, and the
+    checkpoint itself. Any other override is refused: it would not be the same run. The caller
+    validates the result."""
+    state = checkpoint.read(cfg.resume, key="resume")
+    saved = OmegaConf.create(state["config"])
+    for group in ("trainer", "data"):  # keys newer than the checkpoint: the defaults
+        for key, value in cfg[group].items():
+            saved[group].setdefault(key, value)
+    for key in ("task", "autoencoder", "text_encoder"):  # groups newer than it (pixel space, no text)
+        saved.setdefault(key, cfg[key])
+    for override in overrides:
+        key = override.partition("=")[0].lstrip("+~")
+        if key == "resume" or key.startswith("hydra."):
+            continue
+        if not any(key == allowed or key.startswith(allowed + ".") for allowed in RESUMABLE):
+            raise UserError(f"{key} cannot change when resuming (the run has {key}="
+                            f"{OmegaConf.select(saved, key)}): drop that override, or start a new run")
+        OmegaConf.update(saved, key, OmegaConf.select(cfg, key), merge=False)
+    saved.resume = cfg.resume
+    if state["step"] >= saved.trainer.max_steps:
+        raise UserError(f"resume={cfg.resume} is at step {state['step']}, trainer.max_steps is "
+                        f"{saved.trainer.max_steps}: raise trainer.max_steps to train further")
+    return saved, state
 
 
 def validate(cfg: DictConfig) -> None:

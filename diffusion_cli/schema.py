@@ -12,9 +12,32 @@ from typing import Any, Callable, Optional
 from omegaconf import MISSING, OmegaConf
 
 
-def check(test: Callable[[Any], bool], allowed: str, default=NO_DEFAULT) -> Any:
-    """A dataclass field whose value must pass `test`; `allowed` says what passes, in the error."""
-    return field(default=default, metadata={"check": (test, allowed)})
+def check(test: Callable[[Any], bool], allowed: str, default=NO_DEFAULT, resumable: bool = False) -> Any:
+    """A dataclass field whose value must pass `test`; `allowed` says what passes, in the error.
+    `resumable`: the key may change when a run is resumed (how long it runs, where, what it logs)."""
+    return field(default=default, metadata={"check": (test, allowed), "resumable": resumable})
+
+
+def plain(resumable: bool = False) -> Any:
+    """A schema field with no range of its own (its type is the check), MISSING until its YAML."""
+    return field(default=MISSING, metadata={"resumable": resumable})
+
+
+def positive(allowed: str = "an integer >= 1", **options) -> Any:
+    return check(lambda v: v >= 1, allowed, MISSING, **options)
+
+
+def non_negative(allowed: str = "an integer >= 0", **options) -> Any:
+    return check(lambda v: v >= 0, allowed, MISSING, **options)
+
+
+def one_of(choices, **options) -> Any:
+    choices = tuple(choices)
+    return check(lambda v: v in choices, f"one of: {', '.join(map(str, choices))}", MISSING, **options)
+
+
+def levels(allowed: str = "a list of integers >= 1, e.g. [1,2,2]") -> Any:
+    return check(lambda v: len(v) >= 1 and min(v) >= 1, allowed, MISSING)
 
 
 def _omegaconf_type(hint):
@@ -34,13 +57,22 @@ def schema_of(cls: type) -> type:
         (f.name, _omegaconf_type(hints[f.name]), MISSING) for f in fields(cls)])
 
 
+def resumable_keys(prefix: str, cls: type) -> tuple[str, ...]:
+    return tuple(f"{prefix}.{f.name}" for f in fields(cls) if f.metadata.get("resumable"))
+
+
+def full_key(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
 def rules_of(prefix: str, classes) -> list[tuple[str, Callable, str]]:
-    """(key, test, allowed) for each checked field of `classes` (each key once)."""
+    """(key, test, allowed) for each checked field of `classes` (each key once); prefix "": the
+    command's own top-level keys."""
     rules = {}
     for cls in classes:
         for f in fields(cls):
             if "check" in f.metadata:
-                rules.setdefault(f"{prefix}.{f.name}", f.metadata["check"])
+                rules.setdefault(full_key(prefix, f.name), f.metadata["check"])
     return [(key, test, allowed) for key, (test, allowed) in rules.items()]
 
 

@@ -24,6 +24,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from .atomic import atomic_write
 from .errors import UserError
+from .schema import check
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +278,8 @@ class WandbConfig:
     group: Optional[str] = MISSING
     tags: List[str] = MISSING
     name: Optional[str] = MISSING
-    mode: Optional[str] = MISSING
+    mode: Optional[str] = check(lambda v: v in (None, "online", "offline", "disabled"),
+                                "online, offline, disabled or null", MISSING)
 
 
 @dataclass

@@ -21,7 +21,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import checkpoint, plots, runtime, spaces
 from .cli import console_script, run_task
-from .config import validate
+from .config import resumed_config, validate
 from .data import RowFile, Split, class_names, load_data
 from .data.batches import training_batches
 from .ema import EMA
@@ -148,7 +148,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     state = None
     if cfg.get("resume") is not None:
         overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-        cfg, state = checkpoint.resumed_config(cfg, overrides)
+        cfg, state = resumed_config(cfg, overrides)
         validate(cfg)
     tc = cfg.trainer
     main_rank = runtime.is_main()

@@ -12,7 +12,8 @@ import torch
 from omegaconf import MISSING
 
 from ..errors import UserError
-from .captions import with_captions
+from ..schema import check, non_negative, one_of, positive
+from .captions import FORMATS as CAPTION_FORMATS, with_captions
 from .folder import folder_captions, folder_classes, load_folder
 from .gradients import gradient_grid, load_gradients, make_gradients
 from .rows import RowFile, cache_entry, read_entry, write_entry
@@ -126,26 +127,29 @@ def cache_rows(data_cfg, images: torch.Tensor) -> RowFile:
 
 
 # The config group's schema (conf/ holds the values and their docs).
+CAPTION_KINDS = ("none", "auto", *CAPTION_FORMATS, "labels")
+
+
 @dataclass
 class DataConfig:
-    kind: str = MISSING
+    kind: str = one_of(DATASETS)
     root: Optional[str] = MISSING
     download: bool = MISSING
-    channels: int = MISSING
-    height: int = MISSING
-    width: int = MISSING
-    num_train: int = MISSING
-    num_eval: int = MISSING
+    channels: int = positive()
+    height: int = positive()
+    width: int = positive()
+    num_train: int = positive()
+    num_eval: int = positive()
     hflip: bool = MISSING
-    in_memory: Any = MISSING                # true | false | auto
-    num_workers: int = MISSING
+    in_memory: Any = check(lambda v: v in (True, False, "auto"), "true, false or auto", MISSING)
+    num_workers: int = non_negative("an integer >= 0 (0: read in the training process)")
     path: Optional[str] = None              # data=folder's own keys
-    image_size: Optional[int] = None
-    labels: str = "none"
+    image_size: Optional[int] = check(lambda v: v is None or v >= 1, "an integer >= 1, e.g. 32 or 64", None)
+    labels: str = check(lambda v: v in ("none", "subfolders"), "one of: none, subfolders", "none")
     classes: Optional[List[str]] = None     # filled in by training from the data: the class names
-    captions: str = "none"                  # captions (data/captions.py); documented in the data YAMLs
+    captions: str = check(lambda v: v in CAPTION_KINDS, f"one of: {', '.join(CAPTION_KINDS)}", "none")
     caption_column: str = "text"
-    missing_captions: str = "empty"
+    missing_captions: str = check(lambda v: v in ("empty", "skip"), "one of: empty, skip", "empty")
     caption_templates: List[str] = field(default_factory=lambda: [
         "{name}", "a {name}", "a picture of a {name}", "a photo of a {name}"])
     held_out_template: str = "an image of a {name}"

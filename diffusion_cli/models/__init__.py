@@ -11,6 +11,8 @@ from omegaconf import MISSING, OmegaConf
 from torch import nn
 
 from ..errors import UserError
+from ..schedule import PREDICTIONS
+from ..schema import check, levels, non_negative, one_of, positive
 from .dit import DiT
 from .mlp import MLP
 from .resunet import ResUNet
@@ -58,38 +60,41 @@ def build_model(model_cfg, data_cfg, text_cfg: dict | None = None) -> nn.Module:
 # The config group's schema (conf/ holds the values and their docs).
 @dataclass
 class ModelConfig:
-    kind: str = MISSING
-    prediction: str = MISSING
-    num_classes: int = MISSING
+    kind: str = one_of(MODELS)
+    prediction: str = one_of(PREDICTIONS)
+    num_classes: int = non_negative("an integer >= 0 (0: unconditional)")
 
 
 @dataclass
 class MLPConfig(ModelConfig):
-    width: int = MISSING
-    depth: int = MISSING
+    width: int = positive()
+    depth: int = non_negative()
 
 
 @dataclass
 class UNetConfig(ModelConfig):
-    base_channels: int = MISSING
-    time_dim: int = MISSING
+    base_channels: int = positive()
+    time_dim: int = check(lambda v: v >= 2 and v % 2 == 0, "an even integer >= 2", MISSING)
 
 
 @dataclass
 class ResUNetConfig(ModelConfig):
-    base_channels: int = MISSING
-    channel_mults: List[int] = MISSING
-    num_res_blocks: int = MISSING
+    base_channels: int = positive()
+    channel_mults: List[int] = levels()
+    num_res_blocks: int = positive()
     attention: bool = MISSING
-    dropout: float = MISSING
+    dropout: float = check(lambda v: 0 <= v < 1, "a number from 0 to below 1", MISSING)
     attention_resolutions: List[int] = field(default_factory=list)
     cross_attention_resolutions: Optional[List[int]] = None
 
 
 @dataclass
 class DiTConfig(ModelConfig):
-    patch_size: int = MISSING
-    width: int = MISSING
-    depth: int = MISSING
-    heads: int = MISSING
-    position: str = MISSING
+    patch_size: int = positive("an integer >= 1 that divides the image height and width")
+    width: int = positive()
+    depth: int = non_negative()
+    heads: int = positive("an integer >= 1 that divides model.width")
+    position: str = one_of(("learned", "sinusoidal"))
+
+
+MODEL_SCHEMAS = {"mlp": MLPConfig, "unet": UNetConfig, "resunet": ResUNetConfig, "dit": DiTConfig}

@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import UserError
+from ..schema import check, non_negative, one_of, positive
 from . import pretrained
 
 log = logging.getLogger(__name__)
@@ -166,15 +167,15 @@ def padded(tokens: torch.Tensor, length: int) -> torch.Tensor:
 # The config group's schema (conf/ holds the values and their docs).
 @dataclass
 class TextEncoderConfig:
-    kind: str = MISSING
-    width: int = MISSING
-    depth: int = MISSING
-    heads: int = MISSING
-    max_length: int = MISSING
+    kind: str = one_of(ENCODERS)
+    width: int = positive()
+    depth: int = non_negative()
+    heads: int = positive("an integer >= 1 that divides text_encoder.width")
+    max_length: int = check(lambda v: v >= 2, "an integer >= 2 (tokens, the start token included)", MISSING)
 
 
 @dataclass
 class ClipTextEncoderConfig:
-    kind: str = MISSING
+    kind: str = one_of(ENCODERS)
     path: str = MISSING
-    max_length: int = MISSING
+    max_length: int = check(lambda v: v >= 2, "an integer >= 2 (tokens, the start token included)", MISSING)
