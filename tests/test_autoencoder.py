@@ -14,13 +14,11 @@ from diffusion_cli.spaces import LatentSpace
 from diffusion_cli.models.autoencoder import AutoencoderKL, kl_divergence, psnr
 from diffusion_cli.objectives import autoencoder_loss
 
-GRADIENTS_16 = ["data=gradients", "data.num_train=256", "data.num_eval=32", "trainer.batch_size=16",
-                "trainer.device=cpu", "trainer.log_every=2"]
-TINY_AE = ["task=autoencoder", "autoencoder=tiny", "trainer.max_steps=4", "trainer.eval_every=2",
-           "trainer.sample_every=4", "trainer.checkpoint_every=2", *GRADIENTS_16]
-TINY_LATENT = ["model=resunet", "model.base_channels=8", "model.channel_mults=[1,2]", "schedule.T=20",
-               "trainer.max_steps=4", "trainer.eval_every=2", "trainer.sample_every=4",
-               "trainer.checkpoint_every=2", "trainer.num_grid_images=4", "trainer.num_quality_images=8",
+# debug=fast (batch 16 of 256 16x16 gradients), 4 steps with a checkpoint every 2.
+GRADIENTS_16 = ["data=gradients", "debug=fast", "trainer.device=cpu", "trainer.max_steps=4",
+                "trainer.eval_every=2", "trainer.sample_every=4", "trainer.checkpoint_every=2"]
+TINY_AE = ["task=autoencoder", "autoencoder=tiny", *GRADIENTS_16]
+TINY_LATENT = ["model=resunet", "model.channel_mults=[1,2]", "schedule.T=20", "trainer.num_quality_images=8",
                "sampler=ddim", "sampler.steps=4", *GRADIENTS_16]
 
 

@@ -44,8 +44,8 @@ def test_checkpoint_is_self_describing_and_loads_with_weights_only(trained_run):
 def test_sample_from_a_run_dir_is_reproducible(trained_run, tmp_path):
     outputs = []
     for name in ("a", "b"):
-        result = run_cli("diffusion-sample", f"ckpt={trained_run}", "num_samples=5", "batch_size=2",
-                         "seed=7", f"hydra.run.dir={tmp_path / name}", cwd=tmp_path)
+        result = run_in_process("diffusion-sample", f"ckpt={trained_run}", "num_samples=5", "batch_size=2",
+                                "seed=7", f"hydra.run.dir={tmp_path / name}", cwd=tmp_path)
         assert str(tmp_path / name / "samples.png") in result.stdout
         outputs.append(torch.load(tmp_path / name / "samples.pt", weights_only=True))
     assert outputs[0].shape == (5, 3, 16, 16)
@@ -57,8 +57,8 @@ def test_sample_from_a_run_dir_is_reproducible(trained_run, tmp_path):
 def test_sample_uses_the_ema_weights_unless_told_not_to(trained_run, tmp_path):
     drawn = {}
     for use_ema in ("true", "false"):
-        run_cli("diffusion-sample", f"ckpt={trained_run}", "num_samples=3", f"use_ema={use_ema}",
-                f"hydra.run.dir={tmp_path / use_ema}", cwd=tmp_path)
+        run_in_process("diffusion-sample", f"ckpt={trained_run}", "num_samples=3", f"use_ema={use_ema}",
+                       f"hydra.run.dir={tmp_path / use_ema}", cwd=tmp_path)
         drawn[use_ema] = torch.load(tmp_path / use_ema / "samples.pt", weights_only=True)
     state = torch.load(trained_run / "checkpoints" / "last.pt", weights_only=True)
     assert not torch.equal(state["ema"]["out.1.weight"], state["model"]["out.1.weight"])
@@ -68,8 +68,8 @@ def test_sample_uses_the_ema_weights_unless_told_not_to(trained_run, tmp_path):
 
 
 def test_sample_accepts_a_checkpoint_file_and_a_respaced_sampler(trained_run, tmp_path):
-    run_cli("diffusion-sample", f"ckpt={trained_run / 'checkpoints' / 'step_0000003.pt'}",
-            "num_samples=3", "sampler.steps=5", f"hydra.run.dir={tmp_path / 's'}", cwd=tmp_path)
+    run_in_process("diffusion-sample", f"ckpt={trained_run / 'checkpoints' / 'step_0000003.pt'}",
+                   "num_samples=3", "sampler.steps=5", f"hydra.run.dir={tmp_path / 's'}", cwd=tmp_path)
     assert torch.load(tmp_path / "s" / "samples.pt", weights_only=True).shape == (3, 3, 16, 16)
 
 

@@ -86,6 +86,7 @@ def test_out_of_range_values_name_their_key(override, key):
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.slow
 def test_wheel_install_finds_its_config_from_another_directory(tmp_path):
     """conf/ ships inside the wheel as diffusion_cli.conf, group folders included."""
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",

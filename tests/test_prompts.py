@@ -197,6 +197,7 @@ def test_a_captioned_folder_trains_and_samples_prompts(captioned_folder, tmp_pat
                            images("prompt=a red square", "guidance_scale=3", "negative_prompt=red"))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not has_mnist(), reason="no MNIST beside the checkout")
 def test_mnist_captions_from_class_names_resume_exactly(tmp_path):
     args = ["data=mnist", "data.captions=labels", "debug=fast", "trainer.num_quality_images=0",

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_TRAIN, metric_steps, run_cli, script
+from conftest import TINY_TRAIN, metric_steps, run_cli, run_in_process, script
 from diffusion_cli.bench.data import write_gradient_pngs
 
 # Big enough that a step and a checkpoint write take measurable time, small enough to stay fast.
@@ -195,7 +195,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, script_name, key)
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     malicious = tmp_path / "run" / "checkpoints" / "last.pt"
     torch.save({"format_version": 1, "model": CreatesAFile(str(evidence)), "config": {}}, malicious)
-    result = run_cli(script_name, f"{key}={malicious}", cwd=tmp_path, check=False)
+    result = run_in_process(script_name, f"{key}={malicious}", cwd=tmp_path)
     assert result.returncode == 2
     assert "refused" in result.stderr and "Traceback" not in result.stderr
     assert not evidence.exists()

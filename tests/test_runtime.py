@@ -21,11 +21,8 @@ from diffusion_cli.train import TrainStep
 def tiny_config(*overrides: str):
     from diffusion_cli import config  # noqa: F401 (registers the schemas)
 
-    tiny = TINY_TRAIN
-    if any(override.startswith("model=") for override in overrides):  # the MLP's keys would not fit
-        tiny = [arg for arg in TINY_TRAIN if not arg.startswith("model.")]
     with initialize_config_module("diffusion_cli.conf", version_base="1.3"):
-        return compose("train", overrides=[*tiny, *overrides])
+        return compose("train", overrides=[*TINY_TRAIN, *overrides])
 
 
 def random_images() -> Split:

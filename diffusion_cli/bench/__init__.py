@@ -18,7 +18,7 @@ from ..errors import UserError
 from ..runtime import PRECISIONS, resolve_device
 from .data import bench_data
 from .latent import SIZE as LATENT_SIZE, bench_latent
-from .models import bench_model, bench_presets
+from .models import QUICK_BATCH, bench_model, bench_presets
 from .samplers import SAMPLE_SHAPE, bench_sample
 from .timing import BATCH, describe
 from .train import bench_train
@@ -58,10 +58,12 @@ def main(argv: list[str] | None = None) -> None:
               f"DDPM {T} steps, DDIM {ddim_steps} steps\n")
         print(bench_sample(device, repeats, ddim_steps, T))
     if "model" in tables:
-        print(f"\n## model: MNIST 1x28x28 at batch {BATCH}, {steps} steps per repetition\n")
+        batch = QUICK_BATCH if args.quick else BATCH
+        print(f"\n## model: MNIST 1x28x28 at batch {batch}, {steps} steps per repetition\n")
         print(bench_model(device, repeats, steps, args.precision, quick=args.quick))
-        print(f"\n## model presets: RGB at batch 32, {steps} steps per repetition\n")
-        print(bench_presets(device, repeats, steps, presets_only=args.quick))
+        batch = QUICK_BATCH if args.quick else 32
+        print(f"\n## model presets: RGB at batch {batch}, {steps} steps per repetition\n")
+        print(bench_presets(device, repeats, steps, batch=batch, presets_only=args.quick))
     if "data" in tables:
         counts = (64,) if args.quick else (2000, 20000)
         print(f"\n## data: a folder of gradient PNGs, batch {BATCH}, {steps} steps per repetition; "

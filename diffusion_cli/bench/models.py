@@ -69,26 +69,26 @@ def training_step(model: nn.Module, device: torch.device, precision: str = "fp32
     return step
 
 
-def peak_memory_mib(name: str, device_name: str, precision: str) -> float:
-    """Peak memory of BATCH training steps of one variant: CUDA's allocator peak on a GPU; on the
+def peak_memory_mib(name: str, device_name: str, precision: str, batch: int = BATCH) -> float:
+    """Peak memory of training steps at `batch` of one variant: CUDA's allocator peak on a GPU; on the
     CPU, the growth of a fresh process's peak resident memory (other variants' buffers would
     hide it in this one; Linux only)."""
     device = torch.device(device_name)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-        step = training_step(model_variants()[name]().to(device), device, precision)
+        step = training_step(model_variants()[name]().to(device), device, precision, (batch, 1, 28, 28))
         step()
         step()
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_child_peak_rss_mib, (name, precision))
+        return pool.apply(_child_peak_rss_mib, (name, precision, batch))
 
 
-def _child_peak_rss_mib(name: str, precision: str) -> float:
+def _child_peak_rss_mib(name: str, precision: str, batch: int) -> float:
     """Linux: reset the peak RSS (VmHWM) once the model is built, then read how far two training
     steps raise it above the RSS before them."""
-    step = training_step(model_variants()[name](), torch.device("cpu"), precision)
+    step = training_step(model_variants()[name](), torch.device("cpu"), precision, (batch, 1, 28, 28))
     before = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as file:
         file.write("5")
@@ -103,20 +103,23 @@ def _status_kib(field: str) -> int:
 
 
 def bench_model(device: torch.device, repeats: int, steps: int, precision: str, quick: bool = False) -> str:
-    """Training and inference images/s at batch BATCH and training peak memory of every variant."""
+    """Training and inference images/s at batch BATCH and training peak memory of every variant
+    (quick: at batch QUICK_BATCH, peak memory of the first alone: each is a fresh process)."""
+    batch = QUICK_BATCH if quick else BATCH
     variants = {name: build().to(device) for name, build in model_variants(quick).items()}
-    arms, x = {}, torch.randn(BATCH, 1, 28, 28, device=device)
-    t = torch.randint(0, 1000, (BATCH,), device=device)
+    arms, x = {}, torch.randn(batch, 1, 28, 28, device=device)
+    t = torch.randint(0, 1000, (batch,), device=device)
     for name, model in variants.items():
-        train_step = training_step(model, device, precision)
+        train_step = training_step(model, device, precision, (batch, 1, 28, 28))
         arms[(name, "train")] = lambda step=train_step: [step() for _ in range(steps)]
         arms[(name, "forward")] = lambda model=model: [_forward(model, x, t, precision) for _ in range(steps)]
     seconds = interleaved(arms, repeats, device)
     rows = []
-    for name, model in variants.items():
-        train, forward = ([steps * BATCH / s for s in seconds[(name, arm)]] for arm in ("train", "forward"))
+    for k, (name, model) in enumerate(variants.items()):
+        train, forward = ([steps * batch / s for s in seconds[(name, arm)]] for arm in ("train", "forward"))
+        peak = f"{peak_memory_mib(name, str(device), precision, batch):.0f}" if k == 0 or not quick else "-"
         rows.append([name, f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M", spread(train),
-                     spread(forward), f"{peak_memory_mib(name, str(device), precision):.0f}"])
+                     spread(forward), peak])
     return table(["model", "parameters", "train img/s", "forward img/s", "train peak MiB"], rows)
 
 
@@ -125,6 +128,8 @@ def _forward(model, x, t, precision):
     with autocast(x.device, precision):
         return model(x, t)
 
+
+QUICK_BATCH = 8  # diffusion-bench --quick: a smoke run of every table, numbers meaningless
 
 # Candidates for the RGB presets (model=resunet32, resunet64): the ResUNet keys each sets.
 PRESET_CANDIDATES = {
