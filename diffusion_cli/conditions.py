@@ -153,7 +153,8 @@ class Captions(Unconditional):
         per_row = -(-count // n)
         which = torch.arange(n).repeat_interleave(per_row) if grid else torch.arange(count) % n
         classes = prompt_classes(prompts, self.data_cfg)
-        return Drawn(self.tokens(prompts, "prompts")[which], None if classes is None else classes[which], per_row, list(prompts))
+        shows = None if classes is None else classes[which]
+        return Drawn(self.tokens(prompts, "prompts")[which], shows, per_row, list(prompts))
 
     def rows(self, count: int) -> Drawn:
         return self.drawn(self.prompts, count, grid=True) if self.prompts else Drawn()

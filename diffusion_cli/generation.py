@@ -12,11 +12,6 @@ from .schedule import NoiseSchedule
 from .spaces import PixelSpace
 
 
-def class_rows(num_classes: int, per_class: int) -> torch.Tensor:
-    """Labels for a grid with one row per class: per_class 0s, then per_class 1s, ..."""
-    return torch.arange(num_classes).repeat_interleave(per_class)
-
-
 def image_seeds(seed: int, count: int) -> list[int]:
     """The seed of each image's initial noise in sample_images."""
     return torch.randint(2 ** 62, (count,), generator=torch.Generator().manual_seed(seed)).tolist()

@@ -110,8 +110,8 @@ class LatentSpace:
 
     def describe(self, held_out: torch.Tensor) -> str:
         size = "x".join(map(str, self.image_shape))
-        return (f"latent diffusion: {self.source} encodes {size} images to {self.label} (scale {self.scale:.4f}; the scaled latents' std on {len(held_out)} held-out "
-                f"images: {held_out.std():.3f})")
+        return (f"latent diffusion: {self.source} encodes {size} images to {self.label} (scale {self.scale:.4f}; "
+                f"the scaled latents' std on {len(held_out)} held-out images: {held_out.std():.3f})")
 
     def state(self) -> dict:
         """The LatentSpace whole; a pretrained autoencoder's weights are left out (its config keeps

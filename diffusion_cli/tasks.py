@@ -45,9 +45,9 @@ class DenoiserTask:
         images, condition = self.encode(images), self.condition.batch(labels, generator)
         with autocast(self.device, self.cfg.trainer.precision):
             return training_loss(network, self.schedule, images, generator, labels=condition,
-                                 cond_drop_prob=self.condition.drop_prob, loss_weighting=self.cfg.trainer.loss_weighting,
-                                 prediction=self.model.prediction, num_classes=self.model.num_classes,
-                                 null=self.condition.null)
+                                 cond_drop_prob=self.condition.drop_prob,
+                                 loss_weighting=self.cfg.trainer.loss_weighting, prediction=self.model.prediction,
+                                 num_classes=self.model.num_classes, null=self.condition.null)
 
     def start_evaluation(self, eval_data: Split, train_data: Split) -> None:
         """The held-out images in the space, with their conditions as the model reads them."""
@@ -110,7 +110,8 @@ class AutoencoderTask:
             if due(step, tc.eval_every, tc.max_steps):
                 record.update(self.evaluator.measure(model, self.latent))
             if due(step, tc.sample_every, tc.max_steps):
-                return {"reconstructions": self.evaluator.grid(model, run_dir / "reconstructions" / f"step_{step:07d}.png")}
+                grid = run_dir / "reconstructions" / f"step_{step:07d}.png"
+                return {"reconstructions": self.evaluator.grid(model, grid)}
         return {}
 
     def state(self) -> dict:

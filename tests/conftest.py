@@ -16,8 +16,10 @@ os.environ["DIFFUSION_CLI_DATA"] = os.path.abspath(
 os.environ["DIFFUSION_CLI_CACHE"] = tempfile.mkdtemp(prefix="diffusion-cli-cache-")
 
 # A whole training run in a few seconds on 2 CPU cores: the debug=fast preset users have (6 steps,
-# every output once), 20 noise levels, on the CPU whatever the machine has.
-TINY_TRAIN = ["debug=fast", "schedule.T=20", "trainer.device=cpu"]
+# every output once), 20 noise levels, on the CPU whatever the machine has. A warm-up longer than
+# the run keeps the learning rate independent of trainer.max_steps, so that a run stopped early and
+# resumed with more steps is the same run as a straight one.
+TINY_TRAIN = ["debug=fast", "schedule.T=20", "trainer.device=cpu", "trainer.lr_warmup_steps=100"]
 
 
 def data_config(kind: str, **values):

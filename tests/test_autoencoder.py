@@ -106,7 +106,10 @@ def test_an_autoencoder_trains_then_a_denoiser_on_its_latents_samples_without_it
 
 @pytest.mark.slow
 def test_cached_latents_train_as_encoded_ones_and_resume_exactly(tiny_autoencoder, tmp_path):
-    common = [f"autoencoder.ckpt={tiny_autoencoder}", *TINY_LATENT, "trainer.num_quality_images=0", "trainer.lr_schedule=constant"]
+    # Latents encoded per batch and all at once differ in their last bits; a slow warm-up keeps the
+    # weights that difference reaches within the tolerance below.
+    common = [f"autoencoder.ckpt={tiny_autoencoder}", *TINY_LATENT, "trainer.num_quality_images=0",
+              "trainer.lr_schedule=constant", "trainer.lr_warmup_steps=100"]
 
     def train(name, *args):
         result = run_in_process("diffusion-train", *common, *args, f"hydra.run.dir={tmp_path / name}", cwd=tmp_path)

@@ -34,7 +34,7 @@ def model_device(model: nn.Module, schedule: NoiseSchedule) -> torch.device:
     return parameter.device if parameter is not None else schedule.betas.device
 
 
-# sample()'s keywords before the sampler contract, still taken: what each now is.
+# The keywords sample() took before the sampler contract, still accepted (its docstring says each).
 LEGACY = ("clip_x0", "x_T", "return_all_steps", "progress", "labels", "guidance_scale", "negative",
           "prediction", "clamp")
 
@@ -75,9 +75,10 @@ def sample(model: nn.Module, schedule: NoiseSchedule, shape, *, sampler: str | S
         if labels is not None:  # guidance pairs the condition with the null one (or a negative prompt)
             labels, unconditional = labels.to(device), None
             if scale != 1.0:
-                labels, unconditional = condition_of(model).pair(labels, None if negative is None else negative.to(device))
+                negative = None if negative is None else negative.to(device)
+                labels, unconditional = condition_of(model).pair(labels, negative)
             denoise = guided(model, labels, unconditional, scale)
-        result = draw(sampler, denoise, schedule, x, prediction=options.get("prediction") or getattr(model, "prediction", "eps"),
-                      generator=generator, progress=options.get("progress", False),
-                      trajectory=options.get("return_all_steps", False))
+        prediction = options.get("prediction") or getattr(model, "prediction", "eps")
+        result = draw(sampler, denoise, schedule, x, prediction=prediction, generator=generator,
+                      progress=options.get("progress", False), trajectory=options.get("return_all_steps", False))
     return result if options.get("return_all_steps") or not options.get("clamp", True) else result.clamp(-1, 1)
