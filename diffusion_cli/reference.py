@@ -83,7 +83,7 @@ def reference() -> str:
             out += [f"### {group}={option}", "", description(yaml), ""]
             prefix = "" if "@package _global_" in yaml else f"{group}."
             out += [*table(prefix, yaml, rules), ""]
-    return "\n".join(line for line in out).rstrip() + "\n"
+    return "\n".join(out).rstrip() + "\n"
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from . import plots
+from . import plots, runtime
 from .autoencoder import ReconstructionEvaluator, build_autoencoder, first_images, latent_statistics, psnr_line
 from .conditions import condition_of, text_config
 from .data import Split
@@ -95,8 +95,6 @@ class AutoencoderTask:
                                     self.perceptual_weight)
 
     def start_evaluation(self, eval_data: Split, train_data: Split) -> None:
-        from . import runtime
-
         self.evaluator = ReconstructionEvaluator(eval_data.head(self.cfg.trainer.num_eval_images), self.cfg)
         self.scale_images = first_images(train_data, self.cfg.autoencoder.scale_images) if runtime.is_main() else None
 

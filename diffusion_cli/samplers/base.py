@@ -121,6 +121,15 @@ def draw(sampler: Sampler, denoise: Denoiser, schedule: NoiseSchedule, x: torch.
     return torch.stack(states) if trajectory else x
 
 
+@dataclass
+class TrailingSampler(Sampler):
+    """A sampler over trailing-spaced timesteps whose steps add `eta`-scaled noise (DDIM, DPM-Solver++)."""
+    eta: float = check(lambda v: 0 <= v <= 1, "a number from 0 (deterministic) to 1", 0.0)
+
+    def timesteps(self, schedule: NoiseSchedule, steps: int) -> list[int]:
+        return trailing_timesteps(schedule.T, steps)
+
+
 # Timestep spacings shared by several samplers.
 
 def trailing_timesteps(T: int, steps: int) -> list[int]:

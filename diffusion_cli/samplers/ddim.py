@@ -6,8 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from ..schedule import NoiseSchedule, combine
-from ..schema import check
-from .base import Denoised, Run, Sampler, trailing_timesteps
+from .base import Denoised, Run, TrailingSampler
 
 
 def ddim_step(schedule: NoiseSchedule, x0: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int,
@@ -23,13 +22,9 @@ def ddim_step(schedule: NoiseSchedule, x0: torch.Tensor, eps: torch.Tensor, t: i
 
 
 @dataclass
-class DDIM(Sampler):
+class DDIM(TrailingSampler):
     """eta = 0: deterministic; 1: the noise of DDPM's posterior."""
     kind = "ddim"
-    eta: float = check(lambda v: 0 <= v <= 1, "a number from 0 (deterministic) to 1", 0.0)
-
-    def timesteps(self, schedule: NoiseSchedule, steps: int) -> list[int]:
-        return trailing_timesteps(schedule.T, steps)
 
     def step(self, x: torch.Tensor, t: int, t_next: int, denoised: Denoised, run: Run) -> torch.Tensor:
         noise = run.noise() if self.eta > 0 and t_next >= 0 else None

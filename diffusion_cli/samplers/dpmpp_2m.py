@@ -6,8 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from ..schedule import NoiseSchedule, combine
-from ..schema import check
-from .base import Denoised, Run, Sampler, alpha_sigma, trailing_timesteps
+from .base import Denoised, Run, TrailingSampler, alpha_sigma
 
 
 def half_log_snr(alpha: float, sigma: float) -> float:
@@ -38,13 +37,9 @@ def dpmpp_2m_step(x: torch.Tensor, x0: torch.Tensor, previous_x0: torch.Tensor |
 
 
 @dataclass
-class DPMSolverPP2M(Sampler):
+class DPMSolverPP2M(TrailingSampler):
     """Over trailing-spaced timesteps like DDIM; eta = 1 is its SDE form, which adds noise."""
     kind = "dpmpp_2m"
-    eta: float = check(lambda v: 0 <= v <= 1, "a number from 0 (deterministic) to 1", 0.0)
-
-    def timesteps(self, schedule: NoiseSchedule, steps: int) -> list[int]:
-        return trailing_timesteps(schedule.T, steps)
 
     def start(self, schedule: NoiseSchedule, steps: int) -> list[int]:
         self.previous_x0 = self.previous_h = None  # the multistep memory

@@ -29,19 +29,19 @@ class Euler(Sampler):
         return karras_timesteps(schedule, steps)
 
     def start(self, schedule: NoiseSchedule, steps: int) -> list[int]:
+        """The timesteps, and once per run the one each churned step raises its level to."""
         timesteps = super().start(schedule, steps)
-        self.gamma = min(self.s_churn / len(timesteps), math.sqrt(2) - 1)
+        gamma = min(self.s_churn / len(timesteps), math.sqrt(2) - 1)
+        levels = {t: level(schedule, t) for t in timesteps}
+        churned = [t for t in timesteps if gamma > 0 and self.s_tmin <= levels[t]
+                   and (self.s_tmax is None or levels[t] <= self.s_tmax)]
+        raised = nearest_timesteps(schedule, torch.tensor([levels[t] * (1 + gamma) for t in churned],
+                                                          dtype=torch.float64)) if churned else []
+        self.raised = {t: max(t, r) for t, r in zip(churned, raised)}
         return timesteps
 
-    def churned(self, t: int) -> int:
-        """The timestep whose level is nearest to the churn's raised level at t (t: no churn)."""
-        s = level(self.schedule, t)
-        if self.gamma == 0 or s < self.s_tmin or (self.s_tmax is not None and s > self.s_tmax):
-            return t
-        return max(t, nearest_timesteps(self.schedule, torch.tensor([s * (1 + self.gamma)], dtype=torch.float64))[0])
-
     def step(self, x: torch.Tensor, t: int, t_next: int, denoised: Denoised, run: Run) -> torch.Tensor:
-        t_hat = self.churned(t)
+        t_hat = self.raised.get(t, t)  # t itself: no churn
         if t_hat != t:  # y_hat = y + sqrt(s_hat^2 - s^2) z, at the level of t_hat
             (alpha, _), (alpha_hat, _) = alpha_sigma(self.schedule, t), alpha_sigma(self.schedule, t_hat)
             spread = math.sqrt(level(self.schedule, t_hat) ** 2 - level(self.schedule, t) ** 2)
