@@ -13,7 +13,7 @@ from .data.rows import RowFile
 from .errors import UserError
 from .schema import check, levels, non_negative, one_of, positive
 from .images import save_grid, to_unit
-from .models.autoencoder import AutoencoderKL, kl_divergence, psnr, reconstruction_error
+from .models.autoencoder import AutoencoderKL, kl_divergence, perceptual_distance, psnr, reconstruction_error
 from .runtime import eval_mode
 
 
@@ -28,6 +28,21 @@ def build_autoencoder(ae_cfg, data_cfg) -> AutoencoderKL:
         return AutoencoderKL((data_cfg.channels, data_cfg.height, data_cfg.width), **options)
     except ValueError as error:
         raise UserError(str(error)) from None
+
+
+def autoencoder_loss(model, images: torch.Tensor, generator: torch.Generator, reconstruction: str = "l1",
+                     kl_weight: float = 1e-6, lpips: torch.nn.Module | None = None,
+                     perceptual_weight: float = 0.0) -> torch.Tensor:
+    """The KL autoencoder's loss on a batch (Rombach et al. 2022, without the GAN): the L1 or L2
+    reconstruction error of a latent drawn from the posterior, with `lpips` perceptual_weight x
+    the LPIPS distance added at every pixel as theirs does, plus kl_weight x the KL divergence
+    from N(0, I); all summed per image as in the paper, then divided by the pixels per image so
+    that the learning rate does not depend on the image size."""
+    decoded, mean, log_variance = model(images, generator)
+    per_image = reconstruction_error(images, decoded, reconstruction) + kl_weight * kl_divergence(mean, log_variance)
+    if lpips is not None:
+        per_image = per_image + perceptual_weight * images[0].numel() * perceptual_distance(lpips, images, decoded)
+    return per_image.mean() / images[0].numel()
 
 
 def first_images(split: Split, count: int) -> torch.Tensor:

@@ -83,7 +83,12 @@ def migrated(config: dict) -> dict:
     - Before each schedule kind had keys of its own, cosine and edm kept beta_start and beta_end
       (null): dropped.
     - data.caption_dropout was the captions' own dropout: it is trainer.cond_drop_prob now.
-    - autoencoder=diffusers kept an unused autoencoder.ckpt (null): dropped."""
+    - autoencoder=diffusers kept an unused autoencoder.ckpt (null): dropped.
+    - model.prediction and trainer.loss_weighting are the objective's prediction and weighting now
+      (a checkpoint older than both predicted eps, unweighted)."""
+    if "objective" not in config:
+        config["objective"] = {"prediction": config.get("model", {}).pop("prediction", "eps"),
+                               "weighting": config.get("trainer", {}).pop("loss_weighting", "none")}
     autoencoder = config.get("autoencoder", {})
     if autoencoder.get("kind") == "diffusers":
         autoencoder.pop("ckpt", None)
@@ -115,7 +120,7 @@ def load(path: str | Path, device="cpu", use_ema: bool = True, state: dict | Non
         raise UserError(f"ckpt={path} is an autoencoder (task=autoencoder), not a denoiser: train one on "
                         f"its latents with diffusion-train autoencoder.ckpt={run_dir_of(resolve(path))} ...")
     shape = tuple(state["autoencoder"]["latent_shape"]) if "autoencoder" in state else config.data
-    model = build_model(config.model, shape, text_config(config)).to(device)
+    model = build_model(config.model, shape, text_config(config), config.objective.prediction).to(device)
     try:
         model.load_state_dict(state["ema"] if use_ema and "ema" in state else state["model"])
     except RuntimeError as error:

@@ -78,8 +78,9 @@ class ClassLabels(Unconditional):
     """Class indices 0 ... n-1; n is the null label."""
     labelled = True
 
-    def __init__(self, num_classes: int, names: list[str], drop_prob: float = 0.0):
+    def __init__(self, num_classes: int, names: list[str], drop_prob: float = 0.0, device="cpu"):
         self.n, self.names, self.drop_prob = num_classes, names, drop_prob
+        self.null = torch.tensor(num_classes, device=device)
         self.titles = [names[k] if k < len(names) else str(k) for k in range(num_classes)]
 
     def batch(self, labels, generator: torch.Generator):
@@ -208,7 +209,7 @@ def condition_of(model: nn.Module, data_cfg=None, captions: list[list[str]] | No
         return Captions(text, data_cfg, captions, device, drop_prob)
     if model.num_classes:
         names = list((data_cfg or {}).get("classes") or [])
-        return ClassLabels(model.num_classes, names, drop_prob)
+        return ClassLabels(model.num_classes, names, drop_prob, device)
     return Unconditional()
 
 

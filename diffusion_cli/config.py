@@ -19,6 +19,7 @@ from .data import DataConfig
 from .errors import UserError
 from .metrics import quality_keys
 from .models import MODEL_SCHEMAS
+from .objectives import ObjectiveConfig
 from .models.text_encoder import ClipTextEncoderConfig, TextEncoderConfig
 from .runtime import PRECISIONS, resolve_device
 from .samplers import SAMPLERS
@@ -39,7 +40,6 @@ class TrainerConfig:
     lr_warmup_steps: int = non_negative()
     lr_schedule: str = one_of(("cosine", "constant"))
     weight_decay: float = non_negative("a number >= 0")
-    loss_weighting: str = one_of(("none", "min_snr"))
     ema_decay: float = check(lambda v: 0 <= v < 1, "a number from 0 (no EMA) to below 1, e.g. 0.999", MISSING)
     cond_drop_prob: float = check(lambda v: 0 <= v <= 1, "a probability from 0 to 1", MISSING)
     max_steps: int = positive(resumable=True)
@@ -93,6 +93,7 @@ def register_schemas() -> None:
     for kind, schedule in SCHEDULES.items():
         store.store(group="schema/schedule", name=kind, node=schema_of(schedule))
     store.store(group="schema/trainer", name="trainer", node=TrainerConfig)
+    store.store(group="schema/objective", name="objective", node=ObjectiveConfig)
     for kind, sampler in SAMPLERS.items():
         store.store(group="schema/sampler", name=kind, node=schema_of(sampler))
     store.store(group="schema/logger", name="wandb", node=WandbConfig)
@@ -131,6 +132,7 @@ RULES = [
     *rules_of("schedule", SCHEDULES.values()),
     *rules_of("sampler", SAMPLERS.values()),
     *rules_of("trainer", [TrainerConfig]),
+    *rules_of("objective", [ObjectiveConfig]),
     *rules_of("text_encoder", [TextEncoderConfig, ClipTextEncoderConfig]),
     *rules_of("autoencoder", [AutoencoderConfig, DiffusersAutoencoderConfig]),
     *rules_of("logger.wandb", [WandbConfig]),

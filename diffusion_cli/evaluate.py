@@ -9,6 +9,7 @@ from .images import save_grid, to_unit
 from .metrics import quality_metric, sample_quality
 from .runtime import autocast, eval_mode
 from .generation import sample_images
+from .objectives import objective
 from .schedule import NoiseSchedule
 
 # The eval loss is also reported per bucket of timesteps: where the model is weak.
@@ -47,7 +48,7 @@ class Evaluator:
                 if self.condition.labelled:
                     labels = self.labels[start:start + self.batch_size].to(device)
                 output = model(self.schedule.q_sample(x0, t, noise), t, labels)
-                target = self.schedule.target(x0, t, noise, model.prediction)
+                target = objective(model.prediction).target(self.schedule, x0, t, noise)
                 errors.append((output - target).pow(2).flatten(1).mean(1).cpu())
         errors = torch.cat(errors)
         bucket = self.t * LOSS_BUCKETS // self.schedule.T
@@ -70,7 +71,7 @@ def reconstructions(model, schedule: NoiseSchedule, data: Split, seed: int, labe
         for fraction in RECONSTRUCTION_TIMES:
             t = torch.full((len(x0),), round(fraction * (schedule.T - 1)), device=device)
             x_t = schedule.q_sample(x0, t, noise)
-            _, x0_estimate = schedule.eps_and_x0(x_t, t, model(x_t, t, labels), model.prediction)
+            _, x0_estimate = objective(model.prediction).eps_and_x0(schedule, x_t, t, model(x_t, t, labels))
             rows += [x_t.clamp(-1, 1), x0_estimate.clamp(-1, 1)] if clamp else [x_t, x0_estimate]
     return torch.cat(rows)
 

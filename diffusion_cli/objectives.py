@@ -1,59 +1,124 @@
-"""The training objectives. The denoiser's (Ho et al. 2020): draw one timestep t per sample
-(uniformly, or as the schedule says) and noise eps, form x_t = q_sample(x0, t, eps), and regress
-the model's output on its target (eps, x0 or v, as model.prediction says) with an MSE loss,
-optionally min-SNR weighted. The autoencoder's: reconstruction plus a small KL term."""
+"""The denoiser's objectives (conf/objective/): what the network outputs, eps (Ho et al. 2020), x0
+or v (Salimans & Ho 2022), and how its loss is weighted over the timesteps. An objective gives the
+target for x_t = q_sample(x0, t, eps), turns a model's output back into (eps, x0) for the
+samplers, and weighs each sample's MSE (none, or min-SNR: Hang et al. 2023)."""
+
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from .models.autoencoder import kl_divergence, perceptual_distance, reconstruction_error
-from .schedule import NoiseSchedule
+from .schedule import NoiseSchedule, combine
+from .schema import one_of
 
 MIN_SNR_GAMMA = 5.0
+WEIGHTINGS = ("none", "min_snr")
 
 
-def loss_weight(schedule: NoiseSchedule, t: torch.Tensor, prediction: str, weighting: str
-                ) -> torch.Tensor:
-    """Per-sample loss weights. min_snr (Hang et al. 2023): min(SNR, gamma) / SNR for eps, carried
-    over to the other objectives as min(SNR, gamma) / (SNR + 1) for v and min(SNR, gamma) for x0."""
-    if weighting == "none":
-        return torch.ones(t.shape, device=t.device)
-    snr = schedule.snr[t]
-    clipped = snr.clamp(max=MIN_SNR_GAMMA)
-    return {"eps": clipped / snr, "v": clipped / (snr + 1), "x0": clipped}[prediction]
+@dataclass
+class Objective:
+    """One kind of network output. Subclasses give the target, the inverse and the min-SNR
+    weight min(SNR, gamma) / SNR carried over to their output (`min_snr`)."""
+    weighting: str = "none"
+    prediction: ClassVar[str]
+
+    def target(self, schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+               ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def eps_and_x0(self, schedule: NoiseSchedule, x_t: torch.Tensor, t, output: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps, x0) that the model's `output` at (x_t, t) implies. Unclipped."""
+        raise NotImplementedError
+
+    def min_snr(self, clipped: torch.Tensor, snr: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def weight(self, schedule: NoiseSchedule, t: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss weights at timesteps t."""
+        if self.weighting == "none":
+            return torch.ones(t.shape, device=t.device)
+        snr = schedule.snr[t]
+        return self.min_snr(snr.clamp(max=MIN_SNR_GAMMA), snr)
+
+    def loss(self, model, schedule: NoiseSchedule, x0: torch.Tensor, generator: torch.Generator,
+             cond: torch.Tensor | None = None, drop_prob: float = 0.0, null: torch.Tensor | None = None
+             ) -> torch.Tensor:
+        """The weighted MSE between the model's output and its target on a batch, one timestep t
+        per sample (as the schedule draws them). A conditional model sees the unconditional input
+        `null` (the null label, or the empty caption's tokens) instead of `cond` with probability
+        drop_prob, which trains the unconditional model that guidance needs."""
+        t = schedule.training_timesteps(x0.shape[0], generator, x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+        if cond is not None:
+            dropped = torch.rand(cond.shape[:1], generator=generator, device=x0.device) < drop_prob
+            cond = torch.where(dropped.view(-1, *[1] * (cond.dim() - 1)), null, cond)
+        output = model(schedule.q_sample(x0, t, noise), t, cond)
+        errors = (output - self.target(schedule, x0, t, noise)).pow(2).flatten(1).mean(1)
+        return (self.weight(schedule, t) * errors).mean()
 
 
-def training_loss(model, schedule: NoiseSchedule, x0: torch.Tensor, generator: torch.Generator,
-                  labels: torch.Tensor | None = None, cond_drop_prob: float = 0.0,
-                  loss_weighting: str = "none", *, prediction: str | None = None,
-                  num_classes: int | None = None, null: torch.Tensor | None = None) -> torch.Tensor:
-    """The loss on a batch: the MSE between the model's output and its target, per sample
-    weighted. A conditional model sees the unconditional input `null` (default: the null label,
-    index num_classes; for captions the empty caption's tokens) with probability cond_drop_prob,
-    which trains the unconditional model that guidance needs. `prediction` and `num_classes`
-    default to the model's own attributes (a DDP wrapper has none: pass them)."""
-    prediction = prediction or model.prediction
-    t = schedule.training_timesteps(x0.shape[0], generator, x0.device)
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device)
-    if labels is not None:
-        if null is None:
-            null = torch.tensor(model.num_classes if num_classes is None else num_classes, device=x0.device)
-        dropped = torch.rand(labels.shape[:1], generator=generator, device=x0.device) < cond_drop_prob
-        labels = torch.where(dropped.view(-1, *[1] * (labels.dim() - 1)), null, labels)
-    output = model(schedule.q_sample(x0, t, noise), t, labels)
-    errors = (output - schedule.target(x0, t, noise, prediction)).pow(2).flatten(1).mean(1)
-    return (loss_weight(schedule, t, prediction, loss_weighting) * errors).mean()
+def _signal_noise(schedule: NoiseSchedule, t, x: torch.Tensor):
+    """(sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)), shaped to broadcast against x."""
+    return schedule.coefficient("sqrt_alpha_bars", t, x), schedule.coefficient("sqrt_one_minus_alpha_bars", t, x)
 
 
-def autoencoder_loss(model, images: torch.Tensor, generator: torch.Generator, reconstruction: str = "l1",
-                     kl_weight: float = 1e-6, lpips: torch.nn.Module | None = None,
-                     perceptual_weight: float = 0.0) -> torch.Tensor:
-    """The KL autoencoder's loss on a batch (Rombach et al. 2022, without the GAN): the L1 or L2
-    reconstruction error of a latent drawn from the posterior, with `lpips` perceptual_weight x
-    the LPIPS distance added at every pixel as theirs does, plus kl_weight x the KL divergence
-    from N(0, I); all summed per image as in the paper, then divided by the pixels per image so
-    that the learning rate does not depend on the image size."""
-    decoded, mean, log_variance = model(images, generator)
-    per_image = reconstruction_error(images, decoded, reconstruction) + kl_weight * kl_divergence(mean, log_variance)
-    if lpips is not None:
-        per_image = per_image + perceptual_weight * images[0].numel() * perceptual_distance(lpips, images, decoded)
-    return per_image.mean() / images[0].numel()
+class Eps(Objective):
+    prediction = "eps"
+
+    def target(self, schedule, x0, t, noise):
+        return noise
+
+    def eps_and_x0(self, schedule, x_t, t, output):
+        return output, schedule.predict_x0(x_t, t, output)
+
+    def min_snr(self, clipped, snr):
+        return clipped / snr
+
+
+class X0(Objective):
+    prediction = "x0"
+
+    def target(self, schedule, x0, t, noise):
+        return x0
+
+    def eps_and_x0(self, schedule, x_t, t, output):
+        a, s = _signal_noise(schedule, t, x_t)
+        return combine(1 / s, x_t, -a / s, output), output
+
+    def min_snr(self, clipped, snr):
+        return clipped
+
+
+class V(Objective):
+    """v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0: with a^2 + s^2 = 1 both x0 and eps are
+    one combination of x_t and v away."""
+    prediction = "v"
+
+    def target(self, schedule, x0, t, noise):
+        a, s = _signal_noise(schedule, t, x0)
+        return combine(a, noise, -s, x0)
+
+    def eps_and_x0(self, schedule, x_t, t, output):
+        a, s = _signal_noise(schedule, t, x_t)
+        return combine(s, x_t, a, output), combine(a, x_t, -s, output)
+
+    def min_snr(self, clipped, snr):
+        return clipped / (snr + 1)
+
+
+OBJECTIVES = {kind.prediction: kind for kind in (Eps, X0, V)}
+
+
+def objective(prediction: str, weighting: str = "none") -> Objective:
+    """The objective of a model's `prediction` kind (eps | x0 | v)."""
+    if prediction not in OBJECTIVES:
+        raise ValueError(f"prediction={prediction!r} is unknown; choose one of: {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[prediction](weighting)
+
+
+# The objective group's schema (conf/objective/<prediction>.yaml holds the values and their docs).
+@dataclass
+class ObjectiveConfig:
+    prediction: str = one_of(OBJECTIVES)
+    weighting: str = one_of(WEIGHTINGS)

@@ -42,9 +42,6 @@ class EDM:
 
 SCHEDULES = {"linear": Linear, "cosine": Cosine, "edm": EDM}
 SCHEDULE_KINDS = tuple(SCHEDULES)
-# What the network outputs: the noise eps, the clean image x0, or v = sqrt(ab) eps - sqrt(1-ab) x0
-# (Salimans & Ho 2022). The loss is an MSE in that parameterisation; the samplers convert.
-PREDICTIONS = ("eps", "x0", "v")
 
 
 def make_betas(kind: str, T: int, beta_start: float | None = None, beta_end: float | None = None
@@ -76,7 +73,7 @@ def edm_schedule(T: int, sigma_min: float, sigma_max: float, rho: float, p_mean:
     """EDM (Karras et al. 2022) as a discrete variance-preserving schedule. EDM's x = x0 + s n, fed
     to the network as c_in x = x / sqrt(1 + s^2) (for sigma_data = 1), is the VP x_t with
     alpha_bar_t = 1 / (1 + s_t^2); its preconditioned output and loss weighting are then those of
-    v-prediction with an unweighted loss (model.prediction=v). What it adds: noise levels from
+    v-prediction with an unweighted loss (objective=v). What it adds: noise levels from
     sigma_min to sigma_max on the Karras grid, and training levels drawn from EDM's log-normal,
     ln s ~ N(p_mean, p_std^2) (discretised onto the grid), which spends the training on the middle
     noise levels instead of uniformly in t."""
@@ -149,7 +146,7 @@ class NoiseSchedule(nn.Module):
             return torch.randint(0, self.T, (n,), generator=generator, device=device)
         return torch.multinomial(self.train_weights.to(device), n, replacement=True, generator=generator)
 
-    def _at(self, name: str, t: torch.Tensor | int, x: torch.Tensor) -> torch.Tensor | float:
+    def coefficient(self, name: str, t: torch.Tensor | int, x: torch.Tensor) -> torch.Tensor | float:
         """The coefficient `name` at t: for a (B,) tensor, shaped (B, 1, 1, ...) to broadcast
         against x; for an int (one timestep for the whole batch), a Python number."""
         if isinstance(t, int):
@@ -158,43 +155,19 @@ class NoiseSchedule(nn.Module):
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise (Ho et al. eq. 4)."""
-        return combine(self._at("sqrt_alpha_bars", t, x0), x0,
-                       self._at("sqrt_one_minus_alpha_bars", t, x0), noise)
+        return combine(self.coefficient("sqrt_alpha_bars", t, x0), x0,
+                       self.coefficient("sqrt_one_minus_alpha_bars", t, x0), noise)
 
     def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """Invert q_sample for x0 given the noise. Never clips: the sampler decides that."""
-        a, s = self._at("sqrt_alpha_bars", t, x_t), self._at("sqrt_one_minus_alpha_bars", t, x_t)
+        a, s = self.coefficient("sqrt_alpha_bars", t, x_t), self.coefficient("sqrt_one_minus_alpha_bars", t, x_t)
         return combine(1 / a, x_t, -s / a, eps)
-
-    def target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, prediction: str
-               ) -> torch.Tensor:
-        """What a model of this `prediction` kind should output for x_t = q_sample(x0, t, noise)."""
-        if prediction == "eps":
-            return noise
-        if prediction == "x0":
-            return x0
-        if prediction == "v":
-            return combine(self._at("sqrt_alpha_bars", t, x0), noise,
-                           -self._at("sqrt_one_minus_alpha_bars", t, x0), x0)
-        raise ValueError(f"prediction={prediction!r} is unknown; choose one of: {', '.join(PREDICTIONS)}")
-
-    def eps_and_x0(self, x_t: torch.Tensor, t: torch.Tensor, output: torch.Tensor, prediction: str
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(eps, x0) implied by a model's output of the given `prediction` kind at x_t. Unclipped."""
-        if prediction == "eps":
-            return output, self.predict_x0(x_t, t, output)
-        a, s = self._at("sqrt_alpha_bars", t, x_t), self._at("sqrt_one_minus_alpha_bars", t, x_t)
-        if prediction == "x0":
-            return combine(1 / s, x_t, -a / s, output), output
-        if prediction == "v":  # x_t = a x0 + s eps and v = a eps - s x0, with a^2 + s^2 = 1
-            return combine(s, x_t, a, output), combine(a, x_t, -s, output)
-        raise ValueError(f"prediction={prediction!r} is unknown; choose one of: {', '.join(PREDICTIONS)}")
 
     def posterior_mean_variance(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         """(mean, variance) of q(x_{t-1} | x_t, x0), Ho et al. eq. 7. The variance is 0 at t = 0."""
-        mean = combine(self._at("posterior_mean_x0_coef", t, x_t), x0,
-                       self._at("posterior_mean_xt_coef", t, x_t), x_t)
-        return mean, self._at("posterior_variance", t, x_t)
+        mean = combine(self.coefficient("posterior_mean_x0_coef", t, x_t), x0,
+                       self.coefficient("posterior_mean_xt_coef", t, x_t), x_t)
+        return mean, self.coefficient("posterior_variance", t, x_t)
 
     def respaced(self, steps: int) -> "NoiseSchedule":
         """A schedule over `steps` of the T training timesteps, evenly spaced from T-1 down to 0,

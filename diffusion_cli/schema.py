@@ -97,7 +97,10 @@ def option_keys(group: str, option: str) -> set[str]:
 
 
 # Keys that moved: old name -> new name (checkpoint.migrated moves them in saved configs).
-MOVED = {"data.caption_dropout": "trainer.cond_drop_prob"}
+# Keys that moved: where to, and why.
+MOVED = {"data.caption_dropout": ("trainer.cond_drop_prob", "one key for class labels and captions"),
+         "model.prediction": ("objective.prediction", "what the network predicts is the objective's: objective=eps|x0|v"),
+         "trainer.loss_weighting": ("objective.weighting", "how the loss is weighted is the objective's")}
 
 
 def other_kinds_key(message: str) -> str | None:
@@ -108,8 +111,8 @@ def other_kinds_key(message: str) -> str | None:
         return None
     group, key = match.groups()
     if f"{group}.{key}" in MOVED:
-        return (f"{group}.{key} is now {MOVED[group + '.' + key]} (one key for class labels and captions): "
-                f"use {MOVED[group + '.' + key]}=...")
+        new, why = MOVED[f"{group}.{key}"]
+        return f"{group}.{key} is now {new} ({why}): use {new}=..."
     have = [option for option in group_options(group).split("|") if key in option_keys(group, option)] \
         if group_options(group) else []
     if not have:

@@ -10,14 +10,15 @@ import torch
 from omegaconf import DictConfig
 
 from . import plots, runtime
-from .autoencoder import ReconstructionEvaluator, build_autoencoder, first_images, latent_statistics, psnr_line
+from .autoencoder import (ReconstructionEvaluator, autoencoder_loss, build_autoencoder, first_images,
+                          latent_statistics, psnr_line)
 from .conditions import condition_of, text_config
 from .data import Split
 from .errors import UserError
 from .evaluate import QUALITY_SAMPLER, Evaluator, due, evaluate
 from .metrics import QUALITY_KEYS
 from .models import build_model, pretrained
-from .objectives import autoencoder_loss, training_loss
+from .objectives import objective
 from .runtime import autocast, use_channels_last
 from .schedule import NoiseSchedule
 from .spaces import Space, Training
@@ -32,7 +33,9 @@ class DenoiserTask:
 
     def __init__(self, cfg: DictConfig, device: torch.device, space: Space, training: Training):
         self.cfg, self.device, self.space, self.encode = cfg, device, space, training.encode
-        self.model = use_channels_last(build_model(cfg.model, space.shape, text_config(cfg)).to(device))
+        self.objective = objective(cfg.objective.prediction, cfg.objective.weighting)
+        self.model = use_channels_last(build_model(cfg.model, space.shape, text_config(cfg),
+                                                   self.objective.prediction).to(device))
         # Captioned data: batches carry caption groups, which the condition draws into tokens.
         self.condition = condition_of(self.model, cfg.data, training.split.captions, device,
                                       cfg.trainer.cond_drop_prob)
@@ -44,10 +47,8 @@ class DenoiserTask:
         images, labels = batch
         images, condition = self.encode(images), self.condition.batch(labels, generator)
         with autocast(self.device, self.cfg.trainer.precision):
-            return training_loss(network, self.schedule, images, generator, labels=condition,
-                                 cond_drop_prob=self.condition.drop_prob,
-                                 loss_weighting=self.cfg.trainer.loss_weighting, prediction=self.model.prediction,
-                                 num_classes=self.model.num_classes, null=self.condition.null)
+            return self.objective.loss(network, self.schedule, images, generator, condition,
+                                       self.condition.drop_prob, self.condition.null)
 
     def start_evaluation(self, eval_data: Split, train_data: Split) -> None:
         """The held-out images in the space, with their conditions as the model reads them."""

@@ -1,7 +1,7 @@
-"""diffusion-train: one readable training loop around TrainStep, one optimizer step. The loss is
-in objectives.py, evaluation and grids in evaluate.py, the checkpoint format and the resume policy
-in checkpoint.py; every collective of a torchrun launch is visible here. Sampling uses an EMA of
-the weights.
+"""diffusion-train: one readable training loop around TrainStep, one optimizer step. What it
+learns is a task (tasks.py: the denoiser's objective, or the autoencoder's loss); evaluation and
+grids are in evaluate.py, the checkpoint format and the resume policy in checkpoint.py; every
+collective of a torchrun launch is visible here. Sampling uses an EMA of the weights.
 """
 
 import json

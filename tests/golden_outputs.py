@@ -35,11 +35,11 @@ CASES = {
         "ddim5_noclip": ["num_samples=4", "sampler=ddim", "sampler.steps=5", "sampler.clip_x0=false"],
         "batch_split": ["num_samples=5", "sampler=ddim", "sampler.steps=5", "batch_size=2"],
     }),
-    "mnist_edm": ([[*MNIST, "schedule=edm", "model.prediction=v"]], {
+    "mnist_edm": ([[*MNIST, "schedule=edm", "objective=v"]], {
         "heun5": ["num_samples=4", "sampler=heun", "sampler.steps=5"],
         "dpmpp5": ["num_samples=4", "sampler=dpmpp_2m", "sampler.steps=5"],
     }),
-    "mnist_class": ([[*MNIST, "model.num_classes=10", "trainer.loss_weighting=min_snr"]], {
+    "mnist_class": ([[*MNIST, "model.num_classes=10", "objective.weighting=min_snr"]], {
         "label_all": ["label=all", "guidance_scale=3", "num_samples=10", "sampler=ddim", "sampler.steps=5"],
         "label_3": ["label=3", "num_samples=2", "sampler=ddpm", "sampler.steps=5"],
     }),
@@ -48,7 +48,7 @@ CASES = {
         "negative": ["prompt=[seven,the digit 3]", "negative_prompt=one", "guidance_scale=2",
                      "num_samples=4", "sampler=dpmpp_2m", "sampler.steps=5"],
     }),
-    "mnist_dit_prompt": ([[*MNIST, "model=dit", "data.captions=labels", "model.prediction=x0"]], {
+    "mnist_dit_prompt": ([[*MNIST, "model=dit", "data.captions=labels", "objective=x0"]], {
         "seven": ["prompt=seven", "guidance_scale=3", "num_samples=2", "sampler=ddim", "sampler.steps=5"],
     }),
     "mnist_latent": ([[*MNIST, "task=autoencoder", "autoencoder=tiny"],

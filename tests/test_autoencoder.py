@@ -12,7 +12,7 @@ from conftest import run_in_process
 from diffusion_cli.autoencoder import latent_statistics
 from diffusion_cli.spaces import LatentSpace
 from diffusion_cli.models.autoencoder import AutoencoderKL, kl_divergence, psnr
-from diffusion_cli.objectives import autoencoder_loss
+from diffusion_cli.autoencoder import autoencoder_loss
 
 # debug=fast (batch 16 of 256 16x16 gradients), 4 steps with a checkpoint every 2.
 GRADIENTS_16 = ["data=gradients", "debug=fast", "trainer.device=cpu", "trainer.max_steps=4",

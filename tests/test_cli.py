@@ -95,20 +95,18 @@ def test_unet_on_mnist_trains_and_samples(tmp_path, mnist_classifier):
     assert torch.load(tmp_path / "s" / "samples.pt", weights_only=True).shape == (2, 1, 28, 28)
 
 
-TINY_RESUNET = ["data=mnist", "model=resunet", "data.num_train=64", "data.num_eval=8",
-                "model.base_channels=8", "schedule.T=10", "trainer.batch_size=8", "trainer.max_steps=2",
-                "trainer.num_eval_images=8", "trainer.num_grid_images=12", "trainer.num_quality_images=20"]
+TINY_RESUNET = ["data=mnist", *TINY_TRAIN, "trainer.num_grid_images=12", "trainer.num_quality_images=20"]
 
 
 @pytest.mark.slow
 def test_class_conditional_v_prediction_trains_and_samples_with_guidance(tmp_path, mnist_classifier):
     run_dir = tmp_path / "conditional"
-    run_cli("diffusion-train", *TINY_RESUNET, "model.num_classes=10", "model.prediction=v",
-            "trainer.loss_weighting=min_snr", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    run_cli("diffusion-train", *TINY_RESUNET, "model.num_classes=10", "objective=v",
+            "objective.weighting=min_snr", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     result = json.loads((run_dir / "result.json").read_text())
     assert 0 <= result["label_accuracy"] <= 1 and result["classifier_fd"] > 0
     model, _, config = checkpoint.load(run_dir)
-    assert model.prediction == "v" and model.num_classes == 10 and config.model.prediction == "v"
+    assert model.prediction == "v" and model.num_classes == 10 and config.objective.prediction == "v"
 
     run_cli("diffusion-sample", f"ckpt={run_dir}", "label=all", "num_samples=15", "guidance_scale=3",
             "eval=true", "sampler=ddim", "sampler.steps=5", f"hydra.run.dir={tmp_path / 'all'}", cwd=tmp_path)
@@ -195,8 +193,8 @@ BAD_INPUT = [
     ("diffusion-sample", ["ckpt=TRAINED", "label=three"], "label"),
     ("diffusion-sample", ["ckpt=TRAINED", "guidance_scale=3"], "guidance_scale"),
     ("diffusion-train", ["model.num_classes=10"], "model.num_classes"),        # gradients: no labels
-    ("diffusion-train", ["model.prediction=noise"], "model.prediction"),
-    ("diffusion-train", ["trainer.loss_weighting=snr"], "trainer.loss_weighting"),
+    ("diffusion-train", ["objective.prediction=noise"], "objective.prediction"),
+    ("diffusion-train", ["objective.weighting=snr"], "objective.weighting"),
     ("diffusion-train", ["trainer.ema_decay=1"], "trainer.ema_decay"),
     ("diffusion-train", ["model=resunet", "model.channel_mults=[1,2,2,2,2,2]"], "divisible by 32"),
     ("diffusion-train", ["trainer.precision=fp8"], "trainer.precision"),
@@ -264,7 +262,7 @@ def test_hydra_full_error_shows_the_traceback(tmp_path):
 
 def test_edm_schedule_trains_and_every_sampler_draws_from_it(tmp_path):
     run = tmp_path / "edm"
-    result = run_in_process("diffusion-train", *TINY_TRAIN, "schedule=edm", "model.prediction=v",
+    result = run_in_process("diffusion-train", *TINY_TRAIN, "schedule=edm", "objective=v",
                             "sampler=heun", "sampler.steps=4", f"hydra.run.dir={run}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert checkpoint.load(run)[2].schedule.kind == "edm"

@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import data_config, run_in_process
+from conftest import TINY_TRAIN, data_config, run_in_process
 from diffusion_cli.data import DATASETS, load_data, to_model_range
 from diffusion_cli.metrics import QUALITY_METRICS
 from diffusion_cli.data.batches import EpochShards
@@ -20,9 +20,8 @@ from diffusion_cli.data.folder import decode
 from diffusion_cli.errors import UserError
 from diffusion_cli.models import build_model
 
-TINY = ["model=resunet", "model.base_channels=8", "model.channel_mults=[1,2]", "data.image_size=16",
-        "data.num_eval=4", "schedule.T=10", "trainer.max_steps=4", "trainer.batch_size=8",
-        "trainer.num_grid_images=4", "trainer.device=cpu", "data.num_workers=0"]
+TINY = [*TINY_TRAIN, "model=resunet", "model.channel_mults=[1,2]", "data.image_size=16", "data.num_eval=4",
+        "data.num_workers=0"]
 
 
 def write_image(path, color, size=(24, 20), fmt=None):
@@ -173,7 +172,7 @@ def test_dit_maps_images_to_images_and_takes_labels(position):
     torch.manual_seed(0)
     cfg = data_config("gradients", height=8, width=12)
     model = build_model(OmegaConf.create(dict(
-        kind="dit", prediction="eps", num_classes=3, patch_size=2, width=32, depth=2, heads=4,
+        kind="dit", num_classes=3, patch_size=2, width=32, depth=2, heads=4,
         position=position)), cfg)
     x, t = torch.randn(5, 3, 8, 12), torch.randint(0, 100, (5,))
     assert model(x, t).abs().max() == 0  # adaLN-Zero: the output layer starts at zero

@@ -10,8 +10,8 @@ from diffusion_cli.guidance import guided
 from diffusion_cli.samplers.base import Denoised
 from diffusion_cli.samplers.ddim import ddim_step
 from diffusion_cli.samplers.ddpm import ddpm_step
-from diffusion_cli.schedule import PREDICTIONS, NoiseSchedule
-from diffusion_cli.objectives import MIN_SNR_GAMMA, loss_weight, training_loss
+from diffusion_cli.objectives import MIN_SNR_GAMMA, OBJECTIVES, objective
+from diffusion_cli.schedule import NoiseSchedule
 
 torch.manual_seed(0)
 SCHEDULE = NoiseSchedule(T=1000)
@@ -22,13 +22,13 @@ T = torch.tensor([0, 1, 10, 300, 700, 999])
 def test_v_is_sqrt_ab_eps_minus_sqrt_one_minus_ab_x0():
     ab = SCHEDULE.alpha_bars[T].reshape(-1, 1, 1, 1)
     expected = ab.sqrt() * EPS - (1 - ab).sqrt() * X0
-    torch.testing.assert_close(SCHEDULE.target(X0, T, EPS, "v"), expected)
+    torch.testing.assert_close(objective("v").target(SCHEDULE, X0, T, EPS), expected)
 
 
-@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("prediction", OBJECTIVES)
 def test_every_prediction_converts_back_to_eps_and_x0(prediction):
-    x_t = SCHEDULE.q_sample(X0, T, EPS)
-    eps, x0 = SCHEDULE.eps_and_x0(x_t, T, SCHEDULE.target(X0, T, EPS, prediction), prediction)
+    x_t, kind = SCHEDULE.q_sample(X0, T, EPS), objective(prediction)
+    eps, x0 = kind.eps_and_x0(SCHEDULE, x_t, T, kind.target(SCHEDULE, X0, T, EPS))
     # x0 from eps divides by sqrt(alpha_bar), ~0.006 at t = 999: float32 error grows there.
     torch.testing.assert_close(x0, X0, atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(eps, EPS, atol=2e-3, rtol=1e-3)
@@ -39,11 +39,12 @@ def test_min_snr_weights_follow_hang_et_al():
     snr = alpha_bars / (1 - alpha_bars)
     clipped = snr.clamp(max=MIN_SNR_GAMMA)
     for prediction, expected in (("eps", clipped / snr), ("v", clipped / (snr + 1)), ("x0", clipped)):
-        torch.testing.assert_close(loss_weight(SCHEDULE, T, prediction, "min_snr").double(), expected,
+        torch.testing.assert_close(objective(prediction, "min_snr").weight(SCHEDULE, T).double(), expected,
                                    rtol=1e-4, atol=0)
-    assert torch.equal(loss_weight(SCHEDULE, T, "eps", "none"), torch.ones(len(T)))
+    assert torch.equal(objective("eps").weight(SCHEDULE, T), torch.ones(len(T)))
     # Noisy timesteps (SNR < 5) keep weight 1 with eps; clean ones are down-weighted to 5 / SNR.
-    assert loss_weight(SCHEDULE, T, "eps", "min_snr")[-1] == 1 and loss_weight(SCHEDULE, T, "eps", "min_snr")[0] < 1e-3
+    weights = objective("eps", "min_snr").weight(SCHEDULE, T)
+    assert weights[-1] == 1 and weights[0] < 1e-3
 
 
 class Recorder(nn.Module):
@@ -59,15 +60,15 @@ class Recorder(nn.Module):
         return x * self.weight
 
 
-@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("prediction", OBJECTIVES)
 def test_training_loss_is_the_mse_to_the_objectives_target(prediction):
     model = Recorder(prediction=prediction)
     generator = torch.Generator().manual_seed(3)
-    loss = training_loss(model, SCHEDULE, X0, generator)
+    loss = objective(prediction).loss(model, SCHEDULE, X0, generator)
     replay = torch.Generator().manual_seed(3)
     t = torch.randint(0, SCHEDULE.T, (len(X0),), generator=replay)
     noise = torch.randn(X0.shape, generator=replay)
-    torch.testing.assert_close(loss, SCHEDULE.target(X0, t, noise, prediction).pow(2).mean())
+    torch.testing.assert_close(loss, objective(prediction).target(SCHEDULE, X0, t, noise).pow(2).mean())
 
 
 def test_label_dropout_gives_the_null_label_at_the_asked_rate():
@@ -75,7 +76,8 @@ def test_label_dropout_gives_the_null_label_at_the_asked_rate():
     labels = torch.arange(4000) % 10
     x0 = torch.zeros(4000, 1, 2, 2)
     for probability in (0.0, 0.1, 1.0):
-        training_loss(model, SCHEDULE, x0, torch.Generator().manual_seed(0), labels, probability)
+        objective("eps").loss(model, SCHEDULE, x0, torch.Generator().manual_seed(0), labels, probability,
+                              torch.tensor(10))
         seen = model.seen[-1]
         dropped = (seen == 10).float().mean().item()
         assert abs(dropped - probability) < 0.02
@@ -124,7 +126,7 @@ def test_ddpm_step_matches_diffusers_for_x0_and_v(prediction, diffusers_name):
         noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(i))
         # diffusers forms the posterior coefficients in float32 (1 - alpha_bar loses digits at
         # small t); ours come from float64: they differ by ~1e-4 at t = 10.
-        x0 = Denoised(lambda: output, SCHEDULE, i, x, prediction, clip_x0=True).x0
+        x0 = Denoised(lambda: output, SCHEDULE, i, x, objective(prediction), clip_x0=True).x0
         torch.testing.assert_close(ddpm_step(SCHEDULE, x0, i, x, noise),
                                    expected, atol=2e-4, rtol=1e-4)
 
@@ -141,6 +143,6 @@ def test_ddim_step_matches_diffusers_for_x0_and_v(prediction, diffusers_name):
         t, t_prev = timesteps[k], timesteps[k + 1] if k + 1 < 50 else -1
         expected = reference.step(output, t, x, eta=0.0, use_clipped_model_output=True,
                                   return_dict=False)[0]
-        denoised = Denoised(lambda: output, SCHEDULE, t, x, prediction, clip_x0=True)
+        denoised = Denoised(lambda: output, SCHEDULE, t, x, objective(prediction), clip_x0=True)
         torch.testing.assert_close(ddim_step(SCHEDULE, denoised.x0, denoised.eps, t, t_prev, x, 0.0, None),
                                    expected, atol=1e-5, rtol=1e-5)

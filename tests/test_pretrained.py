@@ -18,7 +18,7 @@ from diffusion_cli.models.text_encoder import PAD, tokenize
 transformers = pytest.importorskip("transformers")
 
 MODEL = dict(kind="resunet", base_channels=8, channel_mults=[1, 2], num_res_blocks=1, attention=False,
-             dropout=0.0, prediction="eps", num_classes=0, attention_resolutions=[],
+             dropout=0.0, num_classes=0, attention_resolutions=[],
              cross_attention_resolutions=None)
 
 
@@ -202,7 +202,7 @@ def test_bad_pretrained_autoencoder_settings_are_one_line(tmp_path, args, messag
 def test_the_perceptual_term_adds_lpips_at_every_pixel(monkeypatch, tmp_path):
     pytest.importorskip("lpips")
     from diffusion_cli.models.autoencoder import AutoencoderKL
-    from diffusion_cli.objectives import autoencoder_loss
+    from diffusion_cli.autoencoder import autoencoder_loss
 
     lpips = pretrained.lpips_vgg(random_trunk=True)
     torch.manual_seed(0)

@@ -9,14 +9,14 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import data_config, has_mnist, run_in_process
+from conftest import TINY_TRAIN, data_config, has_mnist, run_in_process
 from diffusion_cli.data import load_data
 from diffusion_cli.data.captions import CaptionTable, label_captions
 from diffusion_cli.errors import UserError
 from diffusion_cli.conditions import condition_of
 from diffusion_cli.models import build_model
 from diffusion_cli.models.text_encoder import PAD, ByteTokenizer
-from diffusion_cli.objectives import training_loss
+from diffusion_cli.objectives import objective
 from diffusion_cli.prompts import prompt_classes
 from diffusion_cli.guidance import guided
 from diffusion_cli.schedule import NoiseSchedule
@@ -24,9 +24,9 @@ from diffusion_cli.schedule import NoiseSchedule
 TEXT = {"kind": "tiny", "width": 16, "depth": 1, "heads": 2, "max_length": 24}
 MODELS = {
     "resunet": dict(kind="resunet", base_channels=8, channel_mults=[1, 2], num_res_blocks=1, attention=True,
-                    dropout=0.0, prediction="eps", num_classes=0, attention_resolutions=[],
+                    dropout=0.0, num_classes=0, attention_resolutions=[],
                     cross_attention_resolutions=None),
-    "dit": dict(kind="dit", patch_size=4, width=16, depth=2, heads=2, position="learned", prediction="eps",
+    "dit": dict(kind="dit", patch_size=4, width=16, depth=2, heads=2, position="learned",
                 num_classes=0),
 }
 SHAPE = OmegaConf.create({"channels": 3, "height": 8, "width": 8})
@@ -101,8 +101,8 @@ def test_caption_dropout_trains_on_the_empty_caption():
 
     tokens = ByteTokenizer(8)(["seven"] * 4000)[0]
     null = ByteTokenizer(8)([""])[0]
-    training_loss(Spy(), NoiseSchedule(T=10), torch.zeros(4000, 1, 2, 2), torch.Generator().manual_seed(0),
-                  labels=tokens, cond_drop_prob=0.1, null=null)
+    objective("eps").loss(Spy(), NoiseSchedule(T=10), torch.zeros(4000, 1, 2, 2), torch.Generator().manual_seed(0),
+                          tokens, drop_prob=0.1, null=null)
     dropped = (seen[0] == null).all(1)
     assert ((seen[0][~dropped] == tokens[0]).all(1)).all()   # the others keep their caption
     assert abs(dropped.float().mean().item() - 0.1) < 0.015
@@ -159,9 +159,7 @@ def test_a_folder_missing_a_caption_says_so_and_skips_or_keeps_it(captioned_fold
     assert ["a red square", "red"] in captions and ["a blue square"] in captions
 
 
-TINY_TEXT = ["model=resunet", "model.base_channels=8", "model.channel_mults=[1,2]", "schedule.T=10",
-             "trainer.max_steps=4", "trainer.batch_size=8", "trainer.num_grid_images=4",
-             "trainer.device=cpu", "text_encoder.width=16", "text_encoder.depth=1", "text_encoder.heads=2"]
+TINY_TEXT = [*TINY_TRAIN, "model=resunet", "model.channel_mults=[1,2]"]
 
 
 def test_a_captioned_folder_trains_and_samples_prompts(captioned_folder, tmp_path):
@@ -170,7 +168,7 @@ def test_a_captioned_folder_trains_and_samples_prompts(captioned_folder, tmp_pat
                              "data.captions=jsonl", "data.image_size=8", "data.num_eval=2",
                              "data.num_workers=0", *TINY_TEXT, f"hydra.run.dir={run}", cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr
-    assert (run / "samples" / "step_0000004.png").is_file() and (run / "denoising.png").is_file()
+    assert (run / "samples" / "step_0000006.png").is_file() and (run / "denoising.png").is_file()
     out = tmp_path / "out"
     sampled = run_in_process("diffusion-sample", f"ckpt={run}", 'prompt=["a red square","a blue square"]',
                              "guidance_scale=3", "num_samples=4", "save_images=true", "sampler=ddim",

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from diffusion_cli.models import MLP
+from diffusion_cli.objectives import Eps
 from diffusion_cli.samplers import sample
 from diffusion_cli.samplers.base import Denoised
 from diffusion_cli.samplers.ddpm import ddpm_step
@@ -15,7 +16,7 @@ def tiny_model(seed=0, shape=(1, 4, 4)):
 
 def x0_of(s, eps, i, x, clip_x0=True):
     """The x0 estimate a sampler steps from, for an eps-predicting model's output."""
-    return Denoised(lambda: eps, s, i, x, "eps", clip_x0).x0
+    return Denoised(lambda: eps, s, i, x, Eps(), clip_x0).x0
 
 
 def test_last_step_adds_no_noise_and_returns_the_clipped_x0():
@@ -153,7 +154,7 @@ def test_ddim_single_steps_match_diffusers_at_eta_1():
     for t in (999, 519, 39):
         theirs = scheduler.step(eps, t, x, eta=1.0, variance_noise=noise,
                                 use_clipped_model_output=True).prev_sample
-        denoised = Denoised(lambda: eps, s, t, x, "eps", clip_x0=True)
+        denoised = Denoised(lambda: eps, s, t, x, Eps(), clip_x0=True)
         torch.testing.assert_close(ddim_step(s, denoised.x0, denoised.eps, t, t - 20, x, 1.0, noise), theirs,
                                    atol=1e-5, rtol=1e-4)
 

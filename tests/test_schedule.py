@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from diffusion_cli.objectives import objective
 from diffusion_cli.schedule import NoiseSchedule
 
 
@@ -148,4 +149,4 @@ def test_v_prediction_on_the_edm_schedule_is_edm_preconditioning():
     c_in, c_skip, c_out = 1 / (1 + level ** 2).sqrt(), 1 / (1 + level ** 2), level / (1 + level ** 2).sqrt()
     torch.testing.assert_close(s.q_sample(x0, t, n).double(), c_in * y, rtol=1e-4, atol=1e-5)
     target_f = (x0.double() - c_skip * y) / c_out
-    torch.testing.assert_close(-s.target(x0, t, n, "v").double(), target_f, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(-objective("v").target(s, x0, t, n).double(), target_f, rtol=1e-4, atol=1e-4)

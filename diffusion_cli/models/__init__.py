@@ -2,7 +2,7 @@
 shape (B,) and cond the condition: class indices (B,) for a class-conditional model, caption
 tokens (B, L) for a text-conditioned one (model.text; models/text_encoder.py); it returns a
 tensor shaped like x_t: the noise, the clean image or v, as its `prediction` attribute says (set
-from model.prediction)."""
+from the run's objective.prediction: objectives.py)."""
 
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -11,7 +11,6 @@ from omegaconf import MISSING, OmegaConf
 from torch import nn
 
 from ..errors import UserError
-from ..schedule import PREDICTIONS
 from ..schema import check, levels, non_negative, one_of, positive
 from .dit import DiT
 from .mlp import MLP
@@ -33,14 +32,14 @@ def size_factor(model_cfg) -> int:
     return {"unet": 4, "dit": model_cfg.get("patch_size", 1)}.get(model_cfg.kind, 1)
 
 
-def build_model(model_cfg, data_cfg, text_cfg: dict | None = None) -> nn.Module:
+def build_model(model_cfg, data_cfg, text_cfg: dict | None = None, prediction: str = "eps") -> nn.Module:
     """The model named by `model_cfg.kind`, its other keys as keyword arguments, sized for `data`
     (or for a (C, H, W) tuple: a latent's shape); conditioned on captions through the text encoder
-    `text_cfg` where given."""
+    `text_cfg` where given; outputting the objective's `prediction` kind."""
     if model_cfg.kind not in MODELS:
         raise UserError(f"model.kind={model_cfg.kind!r} is unknown; choose one of: {', '.join(MODELS)}")
     options = {key: value for key, value in OmegaConf.to_container(model_cfg, resolve=True).items()
-               if key not in ("kind", "prediction")}
+               if key != "kind"}
     if text_cfg:
         if model_cfg.kind not in TEXT_MODELS:
             raise UserError(f"model={model_cfg.kind} can't attend to captions: use model=resunet (or "
@@ -53,7 +52,7 @@ def build_model(model_cfg, data_cfg, text_cfg: dict | None = None) -> nn.Module:
         model = MODELS[model_cfg.kind](shape, **options)
     except ValueError as error:
         raise UserError(str(error)) from None
-    model.prediction = model_cfg.get("prediction", "eps")  # checkpoints before it predicted eps
+    model.prediction = prediction
     return model
 
 
@@ -61,7 +60,6 @@ def build_model(model_cfg, data_cfg, text_cfg: dict | None = None) -> nn.Module:
 @dataclass
 class ModelConfig:
     kind: str = one_of(MODELS)
-    prediction: str = one_of(PREDICTIONS)
     num_classes: int = non_negative("an integer >= 0 (0: unconditional)")
 
 

@@ -1,8 +1,8 @@
 """The KL autoencoder of latent diffusion (Rombach et al. 2022), small: a convolutional residual
 encoder to a diagonal Gaussian over a latent of z_channels x H/f x W/f (f = 2^(levels - 1)), and
-a decoder back to pixels. Trained by `diffusion-train task=autoencoder` (objectives.py:
+a decoder back to pixels. Trained by `diffusion-train task=autoencoder` (autoencoder.py:
 autoencoder_loss); a denoiser then learns the scaled latents of the frozen model
-(autoencoder.py: LatentSpace)."""
+(spaces.py: LatentSpace)."""
 
 import torch
 from torch import nn

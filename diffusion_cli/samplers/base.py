@@ -19,6 +19,7 @@ from typing import Callable, ClassVar, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
+from ..objectives import X0, Objective, objective
 from ..schedule import NoiseSchedule
 from ..schema import check
 
@@ -38,15 +39,15 @@ class Denoised:
     use_clipped_model_output=True), so that a step stays consistent with x_t."""
 
     def __init__(self, model: Callable[[], torch.Tensor], schedule: NoiseSchedule, index: int,
-                 x: torch.Tensor, prediction: str, clip_x0: bool):
+                 x: torch.Tensor, objective: Objective, clip_x0: bool):
         self.model, self.schedule, self.index, self.x = model, schedule, index, x
-        self.prediction, self.clip_x0 = prediction, clip_x0
+        self.objective, self.clip_x0 = objective, clip_x0
 
     @cached_property
     def estimates(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(eps, x0) as the model's output implies them, x0 clipped with clip_x0."""
         output = self.model()
-        eps, x0 = self.schedule.eps_and_x0(self.x, self.index, output, self.prediction)
+        eps, x0 = self.objective.eps_and_x0(self.schedule, self.x, self.index, output)
         return eps, clamped(x0, output) if self.clip_x0 else x0
 
     @property
@@ -56,7 +57,7 @@ class Denoised:
     @cached_property
     def eps(self) -> torch.Tensor:
         eps, x0 = self.estimates
-        return self.schedule.eps_and_x0(self.x, self.index, x0, "x0")[0] if self.clip_x0 else eps
+        return X0().eps_and_x0(self.schedule, self.x, self.index, x0)[0] if self.clip_x0 else eps
 
 
 class Run(NamedTuple):
@@ -107,11 +108,12 @@ def draw(sampler: Sampler, denoise: Denoiser, schedule: NoiseSchedule, x: torch.
     `trajectory`, every state from x_T on, stacked). `denoise` is the model, or a guidance wrapper
     of it, as (x_t, t) -> output of the `prediction` kind."""
     timesteps = sampler.start(schedule, sampler.steps or schedule.T) + [-1]
+    output_kind = objective(prediction)
 
     def evaluate(x: torch.Tensor, t: int) -> Denoised:
         def model() -> torch.Tensor:  # fp32 under autocast too
             return denoise(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)).to(x.dtype)
-        return Denoised(model, *sampler.coefficients(t), x, prediction, sampler.clip_x0)
+        return Denoised(model, *sampler.coefficients(t), x, output_kind, sampler.clip_x0)
 
     states = [x]
     for t, t_next in zip(tqdm(timesteps[:-1], desc="sampling", disable=not progress, leave=False), timesteps[1:]):
