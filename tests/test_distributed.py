@@ -1,11 +1,12 @@
 """DDP through torchrun: two CPU processes on the gloo backend, tiny."""
 
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import TINY_TRAIN, script
+from conftest import TINY_TRAIN, run_in_process, script, snapshot
 
 pytestmark = pytest.mark.slow  # multi-process / sweep runs: CI runs them
 
@@ -19,7 +20,23 @@ def torchrun(*args: str, cwd, resume: bool = False) -> subprocess.CompletedProce
     return result
 
 
-def test_two_processes_share_one_run_dir_and_resume_exactly(tmp_path):
+@pytest.fixture(scope="module")
+def stopped_at_step_3(tmp_path_factory) -> Path:
+    """A run of two processes stopped at step 3 (of 6)."""
+    run_dir = tmp_path_factory.mktemp("split") / "run"
+    torchrun("trainer.max_steps=3", f"hydra.run.dir={run_dir}", cwd=run_dir.parent)
+    return run_dir
+
+
+def test_a_resume_on_another_number_of_processes_is_refused(stopped_at_step_3, tmp_path):
+    before = snapshot(stopped_at_step_3 / "checkpoints")  # (train.log gains the attempt's lines)
+    result = run_in_process("diffusion-train", f"resume={stopped_at_step_3}", "trainer.max_steps=9", cwd=tmp_path)
+    assert result.returncode == 2 and "torchrun --nproc-per-node 2" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert snapshot(stopped_at_step_3 / "checkpoints") == before
+
+
+def test_two_processes_share_one_run_dir_and_resume_exactly(stopped_at_step_3, tmp_path):
     straight = tmp_path / "straight"
     straight.mkdir()
     torchrun("logger=[csv,tensorboard]", cwd=straight)  # no hydra.run.dir: each rank would resolve its own ${now:...}
@@ -39,22 +56,11 @@ def test_two_processes_share_one_run_dir_and_resume_exactly(tmp_path):
     assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
     assert len((run_dir / "csv" / "metrics.csv").read_text().splitlines()) == 1 + 4
 
-    # Stop at step 3, resume to 6 on two processes again: the same weights as the straight run.
-    split = tmp_path / "split" / "run"
-    torchrun("trainer.max_steps=3", f"hydra.run.dir={split}", cwd=tmp_path)
-    torchrun(f"resume={split}", "trainer.max_steps=6", cwd=tmp_path, resume=True)
-    resumed = torch.load(split / "checkpoints" / "last.pt", weights_only=True)
+    # Stopped at step 3, resumed to 6 on two processes again: the same weights as the straight run.
+    torchrun(f"resume={stopped_at_step_3}", "trainer.max_steps=6", cwd=tmp_path, resume=True)
+    resumed = torch.load(stopped_at_step_3 / "checkpoints" / "last.pt", weights_only=True)
     for key, value in state["model"].items():
         torch.testing.assert_close(resumed["model"][key], value, rtol=0, atol=0)
-
-
-def test_a_resume_on_another_number_of_processes_is_refused(tmp_path):
-    run_dir = tmp_path / "run"
-    torchrun("trainer.max_steps=3", f"hydra.run.dir={run_dir}", cwd=tmp_path)
-    result = subprocess.run([script("diffusion-train"), f"resume={run_dir}", "trainer.max_steps=6"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 2 and "torchrun --nproc-per-node 2" in result.stderr, result.stderr
-    assert "Traceback" not in result.stderr
 
 
 def _first_in_turn(rank: int, init_file: str, log_file: str) -> None:

@@ -11,7 +11,7 @@ import torch
 from hydra import compose, initialize_config_module
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import TINY_TRAIN, run_cli, script
+from conftest import TINY_TRAIN, run_in_process, script
 from diffusion_cli import runtime
 from diffusion_cli.data import Split
 from diffusion_cli.errors import UserError
@@ -185,16 +185,18 @@ def test_the_compiled_training_step_compiles_once():
 @pytest.mark.slow
 def test_bf16_and_compile_train_and_sample(tmp_path):
     run_dir = tmp_path / "run"
-    run_cli("diffusion-train", *TINY_TRAIN, "trainer.precision=bf16", "trainer.compile=true",
-            f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    trained = run_in_process("diffusion-train", *TINY_TRAIN, "trainer.precision=bf16", "trainer.compile=true",
+                             f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
     state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert not any(key.startswith("_orig_mod") for key in state["model"])  # loads into a plain model
     losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
               if "loss" in json.loads(line)]
     assert losses and all(0 < loss < 10 for loss in losses)
     sample_dir = tmp_path / "sampled"
-    run_cli("diffusion-sample", f"ckpt={run_dir}", "precision=bf16", "num_samples=4",
-            f"hydra.run.dir={sample_dir}", cwd=tmp_path)
+    sampled = run_in_process("diffusion-sample", f"ckpt={run_dir}", "precision=bf16", "num_samples=4",
+                             f"hydra.run.dir={sample_dir}", cwd=tmp_path)
+    assert sampled.returncode == 0, sampled.stderr
     images = torch.load(sample_dir / "samples.pt")
     assert images.dtype == torch.float32 and images.isfinite().all()
 
@@ -202,10 +204,13 @@ def test_bf16_and_compile_train_and_sample(tmp_path):
 @pytest.mark.slow
 def test_fp16_uses_a_grad_scaler_that_resumes(tmp_path):
     run_dir = tmp_path / "run"
-    run_cli("diffusion-train", *TINY_TRAIN, "trainer.precision=fp16", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    trained = run_in_process("diffusion-train", *TINY_TRAIN, "trainer.precision=fp16", f"hydra.run.dir={run_dir}",
+                             cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
     state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert state["scaler"]["scale"] > 0
-    run_cli("diffusion-train", f"resume={run_dir}", "trainer.max_steps=8", cwd=tmp_path)
+    resumed = run_in_process("diffusion-train", f"resume={run_dir}", "trainer.max_steps=8", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
     assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"] == 8
 
 
@@ -230,7 +235,11 @@ def test_the_benchmark_prints_its_tables():
     pytest.param(["--device", "cuda"], "--device=cuda", marks=pytest.mark.skipif(
         torch.cuda.is_available(), reason="this machine has a GPU")),
     (["--precision", "fp8"], "--precision")])
-def test_the_benchmark_refuses_bad_input_in_one_line(args, named):
-    result = subprocess.run([script("diffusion-bench"), *args], capture_output=True, text=True)
-    assert result.returncode == 2 and named in result.stderr, result.stderr
-    assert "Traceback" not in result.stderr
+def test_the_benchmark_refuses_bad_input_in_one_line(args, named, capsys):
+    from diffusion_cli.bench import main
+
+    with pytest.raises(SystemExit) as exit:  # argparse's error: usage, then one line, exit 2
+        main(args)
+    stderr = capsys.readouterr().err
+    assert exit.value.code == 2 and named in stderr.strip().splitlines()[-1], stderr
+    assert "Traceback" not in stderr
