@@ -76,22 +76,23 @@ def test_sample_accepts_a_checkpoint_file_and_a_respaced_sampler(trained_run, tm
 def test_relative_paths_resolve_from_the_working_directory(trained_run, tmp_path):
     """version_base 1.3: Hydra does not change directory, so a relative ckpt= works."""
     relative = os.path.relpath(trained_run, tmp_path)
-    run_cli("diffusion-sample", f"ckpt={relative}", "num_samples=2", cwd=tmp_path)
+    result = run_in_process("diffusion-sample", f"ckpt={relative}", "num_samples=2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
     assert len(list((tmp_path / "outputs").glob("*/*-sample/samples.png"))) == 1
 
 
 @pytest.mark.slow
 def test_unet_on_mnist_trains_and_samples(tmp_path, mnist_classifier):
     run_dir = tmp_path / "mnist"
-    run_cli("diffusion-train", "model=unet", "data=mnist", "data.num_train=64", "data.num_eval=8",
-            "model.base_channels=8", "model.time_dim=16", "schedule.T=10", "trainer.batch_size=8",
-            "trainer.max_steps=2", "trainer.num_eval_images=8", "trainer.num_grid_images=2",
-            "trainer.num_quality_images=16", f"hydra.run.dir={run_dir}", cwd=tmp_path)
-    assert (run_dir / "samples" / "step_0000002.png").is_file()
+    trained = run_in_process("diffusion-train", *TINY_TRAIN, "model=unet", "data=mnist", f"hydra.run.dir={run_dir}",
+                             cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    assert (run_dir / "samples" / "step_0000006.png").is_file()
     result = json.loads((run_dir / "result.json").read_text())
     assert {"classifier_fd", "confident_frac", "class_entropy"} <= result.keys()
-    run_cli("diffusion-sample", f"ckpt={run_dir}", "num_samples=2", f"hydra.run.dir={tmp_path / 's'}",
-            cwd=tmp_path)
+    sampled = run_in_process("diffusion-sample", f"ckpt={run_dir}", "num_samples=2", f"hydra.run.dir={tmp_path / 's'}",
+                             cwd=tmp_path)
+    assert sampled.returncode == 0, sampled.stderr
     assert torch.load(tmp_path / "s" / "samples.pt", weights_only=True).shape == (2, 1, 28, 28)
 
 
