@@ -1,11 +1,12 @@
 """Contract tests that walk the registries: every model (each as debug=fast builds it), both
-spaces, every condition and every text encoder under one set of rules."""
+spaces, every condition, every text encoder and every dataset under one set of rules."""
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from diffusion_cli.conditions import Captions, ClassLabels, Unconditional, condition_of
+from diffusion_cli.data import DATASETS, class_names, load_data
 from diffusion_cli.models import MODELS, TEXT_MODELS, build_model
 from diffusion_cli.models.autoencoder import AutoencoderKL
 from diffusion_cli.models.text_encoder import ENCODERS, PAD
@@ -144,3 +145,41 @@ def test_every_condition_draws_rows_and_turns_and_refuses_what_it_cannot_draw(co
                                 "guidance_scale": 1.0, "nrow": 0, "num_samples": 4, "ckpt": "RUN", "eval": False})
     with pytest.raises(Exception, match="prompt= needs a model trained on captions"):
         condition.requested(request)
+
+
+def dataset_config(kind: str, tmp_path):
+    """data=kind with a few images: a folder of PNG gradients for data=folder; the torchvision sets
+    where their files lie in $DIFFUSION_CLI_DATA (none can be downloaded here)."""
+    import os
+
+    from conftest import data_config
+    from diffusion_cli.bench.data import write_gradient_pngs
+
+    values = {"num_train": 24, "num_eval": 8}
+    if kind == "folder":
+        values.update(path=str(write_gradient_pngs(tmp_path / "pngs", 32, 8)), image_size=8, height=8, width=8,
+                      num_workers=0)
+    elif kind != "gradients":
+        folder = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "cifar-10-batches-py"}[kind]
+        if not os.path.isdir(os.path.join(os.environ["DIFFUSION_CLI_DATA"], folder)):
+            pytest.skip(f"no {folder} in $DIFFUSION_CLI_DATA")
+        values["download"] = False
+    return data_config(kind, **values)
+
+
+@pytest.mark.parametrize("kind", list(DATASETS))
+def test_every_dataset_gives_images_of_its_shape_in_range_and_the_same_each_time(kind, tmp_path):
+    cfg = dataset_config(kind, tmp_path)
+    train, held_out = load_data(cfg)
+    shape = (cfg.channels, cfg.height, cfg.width)
+    assert tuple(train.images.shape[1:]) == shape and tuple(held_out.images.shape[1:]) == shape
+    assert 0 < len(train.images) <= 24 and 0 < len(held_out.images) <= 8
+    assert train.images.dtype == torch.uint8 or 0 <= train.images.min() <= train.images.max() <= 1  # as stored
+    assert held_out.images.dtype == torch.float32 and -1 <= held_out.images.min() <= held_out.images.max() <= 1
+    classes = class_names(cfg)
+    for split in (train, held_out):  # labels: one class index per image, where the data has classes
+        assert (split.labels is None) == (not classes)
+        if classes:
+            assert len(split.labels) == len(split.images) and 0 <= split.labels.min() <= split.labels.max() < len(classes)
+    again, _ = load_data(cfg)
+    assert torch.equal(again.images, train.images)
