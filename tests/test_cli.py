@@ -141,8 +141,9 @@ def read_summary(sweep_dir):
 def test_sweep_runs_every_combination_and_writes_a_summary(tmp_path):
     sweep_dir = tmp_path / "sweep"
     tiny = [arg for arg in TINY_TRAIN if not arg.startswith("schedule.T=")]
-    run_cli("diffusion-train", "-m", "schedule=linear,cosine", "schedule.T=10,20", *tiny,
-            f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
+    swept = run_in_process("diffusion-train", "-m", "schedule=linear,cosine", "schedule.T=10,20", *tiny,
+                           f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
+    assert swept.returncode == 0, swept.stderr
     rows = read_summary(sweep_dir)
     assert len(rows) == 4 and len(list(sweep_dir.glob("*/checkpoints/last.pt"))) == 4
     assert {(r["schedule"], r["schedule.T"]) for r in rows} == \
@@ -159,8 +160,8 @@ def test_sweep_runs_every_combination_and_writes_a_summary(tmp_path):
 def test_a_failing_sweep_job_is_recorded_and_the_others_still_run(tmp_path):
     sweep_dir = tmp_path / "sweep"
     tiny = [arg for arg in TINY_TRAIN if not arg.startswith("schedule.T=")]
-    result = run_cli("diffusion-train", "-m", "schedule.T=0,10", *tiny,
-                     f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path, check=False)
+    result = run_in_process("diffusion-train", "-m", "schedule.T=0,10", *tiny, f"hydra.sweep.dir={sweep_dir}",
+                            cwd=tmp_path)
     assert result.returncode == 1
     assert "1 of 2 sweep jobs failed" in result.stderr and "Traceback" not in result.stderr
     rows = {r["schedule.T"]: r for r in read_summary(sweep_dir)}

@@ -43,16 +43,30 @@ def assert_same(actual, expected, where: str) -> None:
         assert actual == pytest.approx(expected, rel=1e-3), where
 
 
-def produce(tmp_path: Path, *args: str) -> Path:
-    subprocess.run([sys.executable, str(HERE / "golden_outputs.py"), str(tmp_path), *args],
-                   check=True, capture_output=True, text=True, timeout=1800)
-    return tmp_path
+def start(out: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(HERE / "golden_outputs.py"), str(out), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process: subprocess.Popen, out: Path) -> Path:
+    _, stderr = process.communicate(timeout=1800)
+    assert process.returncode == 0, stderr[-3000:]
+    return out
+
+
+def produce(out: Path, *args: str) -> Path:
+    return finish(start(out, *args), out)
+
+
+def start_fast_cases(out: Path) -> subprocess.Popen:
+    return start(out, *FAST_CASES, "--resume")
 
 
 @pytest.fixture(scope="module")
-def fast_outputs(tmp_path_factory) -> Path:
-    """The fast cases and the resumed old checkpoints, in one process."""
-    return produce(tmp_path_factory.mktemp("golden"), *FAST_CASES, "--resume")
+def fast_outputs(request, tmp_path_factory) -> Path:
+    """The fast cases and the resumed old checkpoints, in one process (started with the session)."""
+    started = getattr(request.config, "golden_fast_cases", None)
+    return finish(*started) if started else produce(tmp_path_factory.mktemp("golden"), *FAST_CASES, "--resume")
 
 
 @pytest.mark.parametrize("case", FAST_CASES)
@@ -74,8 +88,16 @@ def test_old_checkpoints_sample_as_they_did(fast_outputs):
         assert_same(resumed[name]["loaded"], torch.load(GOLDEN / f"{case}.pt")[f"samples_{suffix or 'default'}"], name)
 
 
+def start_slow_cases(out: Path) -> subprocess.Popen:
+    """The slow cases (the default run's 4,500 steps the most of them) in a process of their own,
+    started with the session (conftest.py) when their test is selected, so that they run beside
+    the other tests instead of after them; likewise the fast cases."""
+    return start(out, *SLOW_CASES)
+
+
 @pytest.mark.slow
-def test_golden_slow_cases(tmp_path):
-    produce(tmp_path, *SLOW_CASES)
+def test_golden_slow_cases(request, tmp_path):
+    started = getattr(request.config, "golden_slow_cases", None)
+    out = finish(*started) if started else produce(tmp_path, *SLOW_CASES)
     for case in SLOW_CASES:
-        assert_same(torch.load(tmp_path / f"{case}.pt"), torch.load(GOLDEN / f"{case}.pt"), case)
+        assert_same(torch.load(out / f"{case}.pt"), torch.load(GOLDEN / f"{case}.pt"), case)
