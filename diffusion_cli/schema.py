@@ -96,8 +96,7 @@ def option_keys(group: str, option: str) -> set[str]:
     return keys
 
 
-# Keys that moved: old name -> new name (checkpoint.migrated moves them in saved configs).
-# Keys that moved: where to, and why.
+# Keys that moved: old name -> (new name, why); checkpoint.migrated moves them in saved configs.
 MOVED = {"data.caption_dropout": ("trainer.cond_drop_prob", "one key for class labels and captions"),
          "model.prediction": ("objective.prediction", "what the network predicts is the objective's: objective=eps|x0|v"),
          "trainer.loss_weighting": ("objective.weighting", "how the loss is weighted is the objective's")}
