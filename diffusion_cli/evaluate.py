@@ -39,7 +39,7 @@ class Evaluator:
     def loss(self, model) -> tuple[float, list[float]]:
         """(mean loss, mean loss in each of LOSS_BUCKETS equal ranges of t)."""
         device = self.schedule.betas.device
-        errors = []
+        errors, target_of = [], objective(model.prediction).target
         with eval_mode(model):
             for start in range(0, len(self.images), self.batch_size):
                 x0, t, noise = (v[start:start + self.batch_size].to(device)
@@ -48,7 +48,7 @@ class Evaluator:
                 if self.condition.labelled:
                     labels = self.labels[start:start + self.batch_size].to(device)
                 output = model(self.schedule.q_sample(x0, t, noise), t, labels)
-                target = objective(model.prediction).target(self.schedule, x0, t, noise)
+                target = target_of(self.schedule, x0, t, noise)
                 errors.append((output - target).pow(2).flatten(1).mean(1).cpu())
         errors = torch.cat(errors)
         bucket = self.t * LOSS_BUCKETS // self.schedule.T

@@ -58,11 +58,6 @@ class Objective:
         return (self.weight(schedule, t) * errors).mean()
 
 
-def _signal_noise(schedule: NoiseSchedule, t, x: torch.Tensor):
-    """(sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)), shaped to broadcast against x."""
-    return schedule.coefficient("sqrt_alpha_bars", t, x), schedule.coefficient("sqrt_one_minus_alpha_bars", t, x)
-
-
 class Eps(Objective):
     prediction = "eps"
 
@@ -83,7 +78,7 @@ class X0(Objective):
         return x0
 
     def eps_and_x0(self, schedule, x_t, t, output):
-        a, s = _signal_noise(schedule, t, x_t)
+        a, s = schedule.signal_and_noise(t, x_t)
         return combine(1 / s, x_t, -a / s, output), output
 
     def min_snr(self, clipped, snr):
@@ -96,11 +91,11 @@ class V(Objective):
     prediction = "v"
 
     def target(self, schedule, x0, t, noise):
-        a, s = _signal_noise(schedule, t, x0)
+        a, s = schedule.signal_and_noise(t, x0)
         return combine(a, noise, -s, x0)
 
     def eps_and_x0(self, schedule, x_t, t, output):
-        a, s = _signal_noise(schedule, t, x_t)
+        a, s = schedule.signal_and_noise(t, x_t)
         return combine(s, x_t, a, output), combine(a, x_t, -s, output)
 
     def min_snr(self, clipped, snr):

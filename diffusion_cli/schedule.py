@@ -155,12 +155,16 @@ class NoiseSchedule(nn.Module):
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise (Ho et al. eq. 4)."""
-        return combine(self.coefficient("sqrt_alpha_bars", t, x0), x0,
-                       self.coefficient("sqrt_one_minus_alpha_bars", t, x0), noise)
+        a, s = self.signal_and_noise(t, x0)
+        return combine(a, x0, s, noise)
+
+    def signal_and_noise(self, t: torch.Tensor | int, x: torch.Tensor):
+        """(sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)): what x_t holds of x0 and of the noise."""
+        return self.coefficient("sqrt_alpha_bars", t, x), self.coefficient("sqrt_one_minus_alpha_bars", t, x)
 
     def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """Invert q_sample for x0 given the noise. Never clips: the sampler decides that."""
-        a, s = self.coefficient("sqrt_alpha_bars", t, x_t), self.coefficient("sqrt_one_minus_alpha_bars", t, x_t)
+        a, s = self.signal_and_noise(t, x_t)
         return combine(1 / a, x_t, -s / a, eps)
 
     def posterior_mean_variance(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):

@@ -118,23 +118,20 @@ def run_in_process(name: str, *args: str, cwd: Path, env: dict | None = None
 
 
 def pytest_collection_finish(session):
-    """Start the golden cases now, each in a process beside the other tests, when the session runs them."""
+    """Start the golden processes of the selected golden tests now, beside the other tests."""
     import test_golden
 
     names = {item.name.partition("[")[0] for item in session.items}
-    for test, attribute, start in (("test_golden_case", "golden_fast_cases", test_golden.start_fast_cases),
-                                   ("test_golden_slow_cases", "golden_slow_cases", test_golden.start_slow_cases)):
-        if test in names:
-            out = Path(tempfile.mkdtemp(prefix=f"{attribute}_"))
-            setattr(session.config, attribute, (start(out), out))
+    session.config.golden = {}
+    for test in names & test_golden.PROCESSES.keys():
+        out = Path(tempfile.mkdtemp(prefix="golden_"))
+        session.config.golden[test] = (test_golden.start(test, out), out)
 
 
 def pytest_sessionfinish(session):
     import shutil
 
-    for attribute in ("golden_fast_cases", "golden_slow_cases"):
-        started = getattr(session.config, attribute, None)
-        if started:
-            started[0].kill()  # a no-op when a test has waited for it
-            started[0].wait()
-            shutil.rmtree(started[1], ignore_errors=True)
+    for process, out in getattr(session.config, "golden", {}).values():
+        process.kill()  # a no-op when a test has waited for it
+        process.wait()
+        shutil.rmtree(out, ignore_errors=True)

@@ -43,30 +43,31 @@ def assert_same(actual, expected, where: str) -> None:
         assert actual == pytest.approx(expected, rel=1e-3), where
 
 
-def start(out: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(HERE / "golden_outputs.py"), str(out), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+# The golden processes, by the test that reads their outputs: the fast cases with the resumed old
+# checkpoints, and the slow cases (the default run's 4,500 steps the most of them). conftest.py
+# starts those the session selects when it starts, so that they run beside the other tests.
+PROCESSES = {"test_golden_case": [*FAST_CASES, "--resume"], "test_golden_slow_cases": SLOW_CASES}
 
 
-def finish(process: subprocess.Popen, out: Path) -> Path:
-    _, stderr = process.communicate(timeout=1800)
-    assert process.returncode == 0, stderr[-3000:]
+def start(test: str, out: Path) -> subprocess.Popen:
+    """golden_outputs.py writing `test`'s outputs into out/ (its console output into out/log.txt)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "log.txt", "w") as log:
+        return subprocess.Popen([sys.executable, str(HERE / "golden_outputs.py"), str(out), *PROCESSES[test]],
+                                stdout=log, stderr=subprocess.STDOUT)
+
+
+def outputs(config, test: str, out: Path) -> Path:
+    """Where `test`'s outputs are, once the process started for it with the session has ended (or,
+    where none was, a process started now)."""
+    process, out = config.golden.get(test) or (start(test, out), out)
+    assert process.wait(timeout=1800) == 0, (out / "log.txt").read_text()[-3000:]
     return out
-
-
-def produce(out: Path, *args: str) -> Path:
-    return finish(start(out, *args), out)
-
-
-def start_fast_cases(out: Path) -> subprocess.Popen:
-    return start(out, *FAST_CASES, "--resume")
 
 
 @pytest.fixture(scope="module")
 def fast_outputs(request, tmp_path_factory) -> Path:
-    """The fast cases and the resumed old checkpoints, in one process (started with the session)."""
-    started = getattr(request.config, "golden_fast_cases", None)
-    return finish(*started) if started else produce(tmp_path_factory.mktemp("golden"), *FAST_CASES, "--resume")
+    return outputs(request.config, "test_golden_case", tmp_path_factory.mktemp("golden"))
 
 
 @pytest.mark.parametrize("case", FAST_CASES)
@@ -88,16 +89,8 @@ def test_old_checkpoints_sample_as_they_did(fast_outputs):
         assert_same(resumed[name]["loaded"], torch.load(GOLDEN / f"{case}.pt")[f"samples_{suffix or 'default'}"], name)
 
 
-def start_slow_cases(out: Path) -> subprocess.Popen:
-    """The slow cases (the default run's 4,500 steps the most of them) in a process of their own,
-    started with the session (conftest.py) when their test is selected, so that they run beside
-    the other tests instead of after them; likewise the fast cases."""
-    return start(out, *SLOW_CASES)
-
-
 @pytest.mark.slow
 def test_golden_slow_cases(request, tmp_path):
-    started = getattr(request.config, "golden_slow_cases", None)
-    out = finish(*started) if started else produce(tmp_path, *SLOW_CASES)
+    out = outputs(request.config, "test_golden_slow_cases", tmp_path)
     for case in SLOW_CASES:
         assert_same(torch.load(out / f"{case}.pt"), torch.load(GOLDEN / f"{case}.pt"), case)

@@ -23,6 +23,8 @@ from ..objectives import X0, Objective, objective
 from ..schedule import NoiseSchedule
 from ..schema import check
 
+FROM_X0 = X0()  # eps from a clipped x0 (Denoised.eps)
+
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 REGISTRY: dict[str, type["Sampler"]] = {}
 
@@ -57,7 +59,7 @@ class Denoised:
     @cached_property
     def eps(self) -> torch.Tensor:
         eps, x0 = self.estimates
-        return X0().eps_and_x0(self.schedule, self.x, self.index, x0)[0] if self.clip_x0 else eps
+        return FROM_X0.eps_and_x0(self.schedule, self.x, self.index, x0)[0] if self.clip_x0 else eps
 
 
 class Run(NamedTuple):
