@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from PIL import Image
 
 from conftest import TINY_TRAIN, run_cli, run_in_process, snapshot
 from diffusion_cli import checkpoint
@@ -222,6 +223,8 @@ BAD_DATA_INPUT = [
     ("diffusion-train", ["model=dit", "model.patch_size=3"], "patch_size"),  # 16x16 gradients
     ("diffusion-train", ["model=dit", "model.heads=3"], "model.heads"),
     ("diffusion-sample", ["ckpt=TRAINED", "save_images=maybe"], "save_images"),
+    ("diffusion-train", ["data=folder", "data.path=one_image", "data.num_eval=all"], "data.num_eval"),
+    ("diffusion-train", ["data=folder", "data.path=one_image", "data.num_eval=1"], "leave it at auto"),
 ]
 # Trackers, presets and the sweep objective: config checks as above, in-process only.
 BAD_TRACKING_INPUT = [
@@ -235,6 +238,8 @@ BAD_TRACKING_INPUT = [
 
 def check_bad_input(run, trained_run, tmp_path, script, args, named):
     (tmp_path / "empty_dir").mkdir()
+    (tmp_path / "one_image").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "one_image" / "a.png")
     (tmp_path / "not_a_checkpoint.pt").write_text("hello")
     (tmp_path / "x.pt").write_text("")
     before = snapshot(trained_run)

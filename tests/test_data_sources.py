@@ -77,18 +77,39 @@ def test_a_folder_trains_and_samples_by_class_name(two_classes, tmp_path, caplog
     assert wrong.returncode == 2 and "cat, dog" in wrong.stderr and "Traceback" not in wrong.stderr
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda root: None, "is not a folder"),
-    (lambda root: root.mkdir(), "holds no images"),
-    (lambda root: (root.mkdir(), (root / "a.png").write_bytes(b"junk")), "none of its 1 image files"),
-    (lambda root: write_image(root / "a.png", (0, 0, 0)), "num_eval"),
+@pytest.mark.parametrize("make, num_eval, message", [
+    (lambda root: None, "auto", "is not a folder"),
+    (lambda root: root.mkdir(), "auto", "holds no images"),
+    (lambda root: (root.mkdir(), (root / "a.png").write_bytes(b"junk")), "auto", "none of its 1 image files"),
+    (lambda root: write_image(root / "a.png", (0, 0, 0)), 1, "lower data.num_eval (or leave it at auto)"),
+    (lambda root: (write_image(root / "a.png", (0, 0, 0)), (root / "b.png").write_bytes(b"junk")), 1,
+     "has 1 readable images"),
 ])
-def test_bad_folders_are_one_line_errors(tmp_path, make, message):
+def test_bad_folders_are_one_line_errors(tmp_path, make, num_eval, message):
     make(tmp_path / "images")
-    cfg = data_config("folder", path=str(tmp_path / "images"))
+    cfg = data_config("folder", path=str(tmp_path / "images"), num_eval=num_eval)
     with pytest.raises(UserError) as error:
         load_data(cfg)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("count, held", [(240, 24), (3000, 256), (15, 1), (2, 1)])
+def test_auto_holds_out_a_tenth_between_one_and_256(tmp_path, count, held, caplog):
+    for i in range(count):
+        write_image(tmp_path / f"{i}.png", (i % 256, 0, 0), size=(4, 4))
+    with caplog.at_level(logging.INFO):
+        train, evaluation = load_data(data_config("folder", path=str(tmp_path), image_size=4, num_workers=0))
+    assert (len(train.images), len(evaluation.images)) == (count - held, held)
+    assert f"data.num_eval=auto: {held:,} of {count:,} images" in caplog.text  # the number used, stated
+    assert ("will memorise" in caplog.text) == (count <= 20)
+
+
+def test_a_single_image_trains_and_is_evaluated_on_itself(tmp_path, caplog):
+    write_image(tmp_path / "me.png", (90, 10, 10), size=(8, 8))
+    with caplog.at_level(logging.INFO):
+        train, evaluation = load_data(data_config("folder", path=str(tmp_path), image_size=8, num_workers=0))
+    assert torch.equal(to_model_range(train.images), evaluation.images) and len(train.images) == 1
+    assert "none held out" in caplog.text and "has 1 image: the model will memorise it" in caplog.text
 
 
 def test_loose_images_with_subfolder_labels_are_refused(two_classes):

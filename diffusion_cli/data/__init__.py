@@ -139,7 +139,8 @@ class DataConfig:
     height: int = positive()
     width: int = positive()
     num_train: int = positive()
-    num_eval: int = positive()
+    num_eval: Any = check(lambda v: v == "auto" or (isinstance(v, int) and v >= 1),
+                          "an integer >= 1, or auto (10% of the images, at most 256)", MISSING)
     hflip: bool = MISSING
     in_memory: Any = check(lambda v: v in (True, False, "auto"), "true, false or auto", MISSING)
     num_workers: int = non_negative("an integer >= 0 (0: read in the training process)")

@@ -2,9 +2,9 @@
 
 Images are resized (shorter side to data.image_size, then center-cropped to a square) and
 converted to data.channels; with data.labels=subfolders each first-level subfolder is a class
-(sorted names -> ids). A fixed-seed permutation holds data.num_eval images out of training.
-With a caption format in data.captions the labels are the images' ids, which folder_captions()
-gives the captions of.
+(sorted names -> ids). A fixed-seed permutation holds data.num_eval images out of training
+(auto: 10% of them, data/split.py). With a caption format in data.captions the labels are the
+images' ids, which folder_captions() gives the captions of.
 """
 
 import logging
@@ -17,6 +17,7 @@ from torchvision.transforms.v2 import functional as F
 from ..errors import UserError
 from .captions import read_captions
 from .rows import RowFile, cache_entry, read_entry, write_entry
+from .split import MEMORISES, check_held_out, held_out_count
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,8 @@ def cached_folder(data_cfg) -> tuple[RowFile, torch.Tensor | None, list[Path]]:
     """Every decodable image of the folder in the row cache (decoded on the first run), their
     labels (None for data.labels=none) and their files."""
     root, files, classes = scan(data_cfg)
+    if data_cfg.num_eval != "auto":  # before decoding: the files can only be fewer readable images
+        check_held_out(data_cfg, data_cfg.num_eval, len(files), "image files")
     size, channels = data_cfg.image_size, data_cfg.channels
     key = {"version": CACHE_VERSION, "root": str(root.resolve()), "size": size, "channels": channels,
            "files": [[str(path.relative_to(root)), *stat(path)] for path in files]}
@@ -145,12 +148,14 @@ def load_folder(data_cfg):
     count = len(images)
     if captioned(data_cfg):
         labels = torch.arange(count)
-    if data_cfg.num_eval >= count:
-        raise UserError(f"data.path={data_cfg.path} has {count} readable images and data.num_eval="
-                        f"{data_cfg.num_eval} would hold out all of them: lower data.num_eval")
+    held = held_out_count(data_cfg, count)
+    check_held_out(data_cfg, held, count)
+    if count <= MEMORISES:
+        log.warning(f"data.path={data_cfg.path} has {count} image{'s' * (count > 1)}: the model will memorise "
+                    f"{'them' if count > 1 else 'it'} (a few hundred or more let it learn what they have in common)")
     order = torch.randperm(count, generator=torch.Generator().manual_seed(SPLIT_SEED))
-    held_out = order[: data_cfg.num_eval].sort().values
-    train = order[data_cfg.num_eval:][: data_cfg.num_train].sort().values
+    held_out = order[:held].sort().values if held else order  # a single image: evaluated on itself
+    train = order[held:][: data_cfg.num_train].sort().values
 
     def part(rows):
         return images.subset(rows), None if labels is None else labels[rows]

@@ -2,6 +2,8 @@
 
 import torch
 
+from .split import held_out_count
+
 
 def gradient_grid(height: int, width: int) -> torch.Tensor:
     """The fixed (H, W) ramp of the gradient images: 0 at the top-left corner, 1 at the bottom-right."""
@@ -31,4 +33,4 @@ def load_gradients(data_cfg):
     """((train images, None), (eval images, None)), floats in [0, 1]."""
     shape = (data_cfg.channels, data_cfg.height, data_cfg.width)
     return ((make_gradients(data_cfg.num_train, shape, TRAIN_SEED), None),
-            (make_gradients(data_cfg.num_eval, shape, EVAL_SEED), None))
+            (make_gradients(held_out_count(data_cfg, data_cfg.num_train), shape, EVAL_SEED), None))

@@ -3,6 +3,7 @@
 import torch
 
 from ..errors import UserError
+from .split import held_out_count
 
 # name -> (torchvision class, the folder under root that holds its files, what is in it)
 SOURCES = {
@@ -45,6 +46,6 @@ def loader(name: str):
     def load(data_cfg):
         train = load_torchvision(name, data_cfg.root, data_cfg.download, train=True)
         evaluation = load_torchvision(name, data_cfg.root, data_cfg.download, train=False)
-        return ([part[: data_cfg.num_train] for part in train],
-                [part[: data_cfg.num_eval] for part in evaluation])
+        held = held_out_count(data_cfg, len(evaluation[0]), "test images")
+        return [part[: data_cfg.num_train] for part in train], [part[:held] for part in evaluation]
     return load
