@@ -135,9 +135,10 @@ def to_plain(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
 
-def save_training(trainer, cfg: DictConfig, step: int, run_dir: Path, rng: dict) -> None:
-    """checkpoints/step_N.pt, keeping the last `keep_checkpoints`, and last.pt, from a TrainStep
-    and the random states `rng` (every rank's, gathered by the caller)."""
+def save_training(trainer, cfg: DictConfig, step: int, run_dir: Path, rng: dict, record: dict) -> None:
+    """checkpoints/step_N.pt, keeping the last `keep_checkpoints`, and last.pt, from a TrainStep,
+    the random states `rng` (every rank's, gathered by the caller) and the step's metrics so far
+    (`record`: its training part, saved before its evaluation, which a resumed run may redo)."""
     state = {
         "format_version": FORMAT_VERSION,
         "step": step,
@@ -145,6 +146,7 @@ def save_training(trainer, cfg: DictConfig, step: int, run_dir: Path, rng: dict)
         "optimizer": trainer.optimizer.state_dict(),
         "config": to_plain(cfg),
         "rng": rng,
+        "record": record,
     }
     if trainer.ema:
         state["ema"] = trainer.ema.model.state_dict()
@@ -183,6 +185,8 @@ def restore(state: dict, trainer) -> int:
     trainer.optimizer.load_state_dict(state["optimizer"])
     if "scaler" in state:
         trainer.scaler.load_state_dict(state["scaler"])
+    if "latent" in state:  # task=autoencoder: the scale measured at this step (its evaluation may be redone)
+        trainer.task.latent = state["latent"]
     mine, device = ranks[runtime.rank()], trainer.device
     torch.set_rng_state(mine["torch"])
     if device_type == device.type:
@@ -241,16 +245,29 @@ def is_latest(path: str | Path) -> bool:
         return True
 
 
+def metric_records(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl, leaving out a line cut off by a kill."""
+    records = []
+    for line in (path.read_text().splitlines() if path.exists() else []):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "step" in record:
+            records.append(record)
+    return records
+
+
+def logged(run_dir: Path, step: int) -> bool:
+    """Whether metrics.jsonl has the line of `step` (a step with evaluation due has it once its
+    evaluation is complete)."""
+    return any(record["step"] == step for record in metric_records(run_dir / "metrics.jsonl"))
+
+
 def continue_metrics(source: Path, target: Path, step: int) -> None:
     """Write to `target` the lines of `source` (the resumed run's metrics.jsonl; the same file when
     it continues in place) up to `step`, dropping later ones and a line cut off by a kill: the
     resumed run logs them again, so the file has every step once."""
-    kept = []
-    for line in (source.read_text().splitlines() if source.exists() else []):
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line + "\n")
-        except (ValueError, KeyError):
-            pass
+    kept = [json.dumps(record) + "\n" for record in metric_records(source) if record["step"] <= step]
     with atomic_write(target) as file:
         file.write("".join(kept))

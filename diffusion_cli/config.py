@@ -7,7 +7,9 @@ checks. Each group file extends its schema with `- /schema/<group>/<option>@_her
 defaults list. The checks across keys live with the part they concern (conditions, spaces, tasks).
 """
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -26,6 +28,7 @@ from .samplers import SAMPLERS
 from .schema import (check, group_options, non_negative, one_of, plain, positive, resumable_keys, rules_of,
                      schema_of)
 from .schedule import SCHEDULES
+from .sweep import RESULT_FILE
 from .tracking import MLflowConfig, WandbConfig, check_available
 
 
@@ -167,10 +170,17 @@ def resumed_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, d
                             f"{OmegaConf.select(saved, key)}): drop that override, or start a new run")
         OmegaConf.update(saved, key, OmegaConf.select(cfg, key), merge=False)
     saved.resume = cfg.resume
-    if state["step"] >= saved.trainer.max_steps:
+    if state["step"] >= saved.trainer.max_steps and finished(checkpoint.run_dir_of(cfg.resume)):
         raise UserError(f"resume={cfg.resume} is at step {state['step']}, trainer.max_steps is "
                         f"{saved.trainer.max_steps}: raise trainer.max_steps to train further")
     return saved, state
+
+
+def finished(run_dir: Path) -> bool:
+    """Whether a run did all its end-of-run work: its result.json says ok (a run stopped or killed
+    after its last step resumes to finish it)."""
+    result = run_dir / RESULT_FILE
+    return result.is_file() and json.loads(result.read_text()).get("status") == "ok"
 
 
 def validate(cfg: DictConfig) -> None:

@@ -110,6 +110,11 @@ def due(step: int, every: int, last_step: int) -> bool:
     return step == last_step or (every > 0 and step % every == 0)
 
 
+def evaluation_due(tc: DictConfig, step: int) -> bool:
+    """Whether evaluation, grids or quality metrics are due at `step`."""
+    return any(due(step, every, tc.max_steps) for every in (tc.eval_every, tc.sample_every, tc.quality_every))
+
+
 def evaluate(record: dict, step: int, model, schedule: NoiseSchedule, evaluator: Evaluator,
              cfg: DictConfig, run_dir, eval_data: Split) -> dict:
     """What is due at `step`: the eval loss and quality metrics go into `record`, the grids into

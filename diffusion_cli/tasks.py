@@ -57,7 +57,10 @@ class DenoiserTask:
         self.evaluator = Evaluator(eval_data.head(tc.num_eval_images), self.schedule, tc.batch_size, tc.seed,
                                    self.condition, self.space)
 
-    def evaluate(self, record: dict, step: int, model, run_dir: Path, checkpoint_due: bool) -> dict:
+    def prepare_checkpoint(self, model) -> None:
+        """Nothing to measure: a denoiser's checkpoint is its training state."""
+
+    def evaluate(self, record: dict, step: int, model, run_dir: Path) -> dict:
         return evaluate(record, step, model, self.schedule, self.evaluator, self.cfg, run_dir, self.eval_data)
 
     def state(self) -> dict:
@@ -99,13 +102,16 @@ class AutoencoderTask:
         self.evaluator = ReconstructionEvaluator(eval_data.head(self.cfg.trainer.num_eval_images), self.cfg)
         self.scale_images = first_images(train_data, self.cfg.autoencoder.scale_images) if runtime.is_main() else None
 
-    def evaluate(self, record: dict, step: int, model, run_dir: Path, checkpoint_due: bool) -> dict:
-        """The latent scale before each checkpoint (which stores it), the held-out loss and PSNR,
-        and the reconstruction grid (originals over reconstructions)."""
+    def prepare_checkpoint(self, model) -> None:
+        """The latent scale, which the checkpoint stores."""
         tc = self.cfg.trainer
         with autocast(self.device, tc.precision):
-            if checkpoint_due:
-                self.latent = latent_statistics(model, self.scale_images, self.cfg.autoencoder.shift, tc.batch_size)
+            self.latent = latent_statistics(model, self.scale_images, self.cfg.autoencoder.shift, tc.batch_size)
+
+    def evaluate(self, record: dict, step: int, model, run_dir: Path) -> dict:
+        """The held-out loss and PSNR, and the reconstruction grid (originals over reconstructions)."""
+        tc = self.cfg.trainer
+        with autocast(self.device, tc.precision):
             if due(step, tc.eval_every, tc.max_steps):
                 record.update(self.evaluator.measure(model, self.latent))
             if due(step, tc.sample_every, tc.max_steps):

@@ -25,13 +25,12 @@ from .config import resumed_config, validate
 from .data import RowFile, Split, class_names, load_data
 from .data.batches import training_batches
 from .ema import EMA
-from .errors import UserError
-from .evaluate import due
+from .evaluate import due, evaluation_due
 from .lr_schedule import learning_rate, rewarm_after_resume
 from .models import image_shape
 from .runtime import compiled, convolutional, resolve_device, use_fast_math
 from .spaces import Space, Training
-from .stopping import GracefulStop, Stopped
+from .stopping import GracefulStop, check_nonfinite, cut_short, stopped
 from .tasks import TASKS
 from .tracking import Trackers
 
@@ -189,10 +188,15 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     metrics_file = open(run_dir / "metrics.jsonl", "a") if main_rank else nullcontext()
     trackers = Trackers(cfg, run_dir, start_step) if main_rank else nullcontext()
     result, skipped_logged = {}, 0
+    for record in checkpoint.metric_records(run_dir / "metrics.jsonl") if state is not None else []:
+        final_values(record, result)  # a resumed run's final metrics start from its earlier ones
     logged_step, interval_start = start_step, time.perf_counter()
     progress = tqdm(total=tc.max_steps, initial=start_step, desc="training", unit="step",
                     dynamic_ncols=True, disable=not main_rank)
     with logging_redirect_tqdm(), metrics_file, trackers, progress, GracefulStop() as stop:
+        if state is not None and main_rank and not checkpoint.logged(run_dir, start_step):
+            evaluate_step(task, dict(state.get("record", {})), start_step, sampling_model, run_dir, stop,
+                          metrics_file, result, trackers)
         for step in range(start_step + 1, tc.max_steps + 1):
             trainer(step)
             progress.update()
@@ -222,30 +226,38 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 logged_step, interval_start = step, time.perf_counter()
                 progress.set_postfix(loss=f"{loss:.4f}")
             work_started = time.perf_counter()
-            if main_rank:
-                grids = task.evaluate(record, step, sampling_model, run_dir, checkpoint_due or stopping)
-                log_record(record, step, metrics_file, result, run_dir)
-                trackers.log(step, record, grids)
-            if checkpoint_due or stopping:
+            if checkpoint_due or stopping:  # saved before the step's evaluation, which a signal may cut
+                if main_rank:
+                    task.prepare_checkpoint(sampling_model)
                 # Every rank's random states, gathered (a collective); rank 0 writes.
                 rng = {"device_type": device.type, "ranks": runtime.gather(trainer.random_states())}
                 if main_rank:
-                    checkpoint.save_training(trainer, cfg, step, run_dir, rng)
+                    checkpoint.save_training(trainer, cfg, step, run_dir, rng, record)
             if stopping:
-                again = (f"torchrun --nproc-per-node {runtime.world_size()} -m diffusion_cli.train"
-                         if runtime.world_size() > 1 else "diffusion-train")
-                raise Stopped(f"{stop.requested or 'a stop signal to another rank'} at step {step}; "
-                              f"saved {run_dir / 'checkpoints' / 'last.pt'}. Resume with: "
-                              f"{again} resume={run_dir}",
-                              exit_code=130 if stop.requested == "SIGINT" else 143)
+                if main_rank and not evaluation_due(tc, step):  # else the resumed run evaluates the step
+                    log_record(record, step, metrics_file, result, run_dir)
+                raise stopped(stop.requested or "a stop signal to another rank", f"at step {step}", run_dir)
+            if main_rank:
+                evaluate_step(task, record, step, sampling_model, run_dir, stop, metrics_file, result, trackers)
             interval_start += time.perf_counter() - work_started  # images/s counts training only
 
         result.update(steps=tc.max_steps, wall_s=time.perf_counter() - started)
         if main_rank:
-            trackers.finish(result)
-    if main_rank:
-        task.finish(sampling_model, result, run_dir)
+            with cut_short(stop, "at the end of the run", run_dir):
+                trackers.finish(result)
+                task.finish(sampling_model, result, run_dir)
     return result
+
+
+def evaluate_step(task, record: dict, step: int, model, run_dir: Path, stop: GracefulStop, metrics_file,
+                  result: dict, trackers: Trackers) -> None:
+    """What is due at `step` after its checkpoint (rank 0): the task's evaluation and grids, then
+    the step's metrics line, once the evaluation is complete (a signal cuts it short: the resumed
+    run evaluates the step again, from its checkpoint and the line's training part stored there)."""
+    with cut_short(stop, f"while evaluating step {step}", run_dir):
+        grids = task.evaluate(record, step, model, run_dir)
+    log_record(record, step, metrics_file, result, run_dir)
+    trackers.log(step, record, grids)
 
 
 def log_record(record: dict, step: int, metrics_file, result: dict, run_dir: Path) -> None:
@@ -253,25 +265,14 @@ def log_record(record: dict, step: int, metrics_file, result: dict, run_dir: Pat
     if record:
         metrics_file.write(json.dumps({"step": step, **record}) + "\n")
         metrics_file.flush()
-        result.update((key, value) for key, value in record.items()
-                      if isinstance(value, float) and key != "lr")
+        final_values(record, result)
     if "eval_loss" in record:
         plots.training_curves(run_dir)
 
 
-def check_nonfinite(step: int, count: int, cfg: DictConfig, run_dir: Path) -> None:
-    """Stop the run on a non-finite loss or gradient once more than max_nonfinite_skips were seen.
-    Nothing is saved: the skipped updates never reached the weights, and checkpoints/last.pt keeps
-    the last state saved before."""
-    if count <= cfg.trainer.max_nonfinite_skips:
-        return
-    last = run_dir / "checkpoints" / "last.pt"
-    kept = f"{last} (step {checkpoint.read(last)['step']}) is the last good state" if last.exists() \
-        else "no checkpoint was written yet"
-    raise UserError(f"non-finite loss or gradient at step {step}: the learning "
-                    f"rate may be too high (trainer.lr={cfg.trainer.lr}) or the numbers overflowed "
-                    f"(fp16); {kept}. Lower trainer.lr and resume, or allow "
-                    f"trainer.max_nonfinite_skips=N skipped steps")
+def final_values(record: dict, result: dict) -> None:
+    """The run's final metrics in `result`, updated with a metrics line's."""
+    result.update((key, value) for key, value in record.items() if isinstance(value, float) and key != "lr")
 
 
 @hydra.main(version_base="1.3", config_path="pkg://diffusion_cli.conf", config_name="train")

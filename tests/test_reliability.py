@@ -150,6 +150,39 @@ def test_a_signal_saves_a_checkpoint_and_says_how_to_resume(tmp_path, sig, code)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_during_the_final_evaluation_ends_the_run_within_seconds(tmp_path, sig, code):
+    """The last step's checkpoint is written before its evaluation (20,000 quality images here,
+    about 25 s); a signal then ends the run at once, and the resumed run draws what was skipped."""
+    run_dir = tmp_path / "run"
+    process = start(run_dir, "trainer.max_steps=3", "trainer.checkpoint_every=0", "trainer.num_quality_images=20000")
+    assert wait_for(process, lambda: (run_dir / "checkpoints" / "last.pt").exists())
+    time.sleep(1)  # into the evaluation
+    assert process.poll() is None
+    sent = time.monotonic()
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == code and time.monotonic() - sent < 10, stderr
+    assert f"while evaluating step 3; saved {run_dir / 'checkpoints' / 'last.pt'}" in stderr
+    assert f"resume={run_dir}" in stderr and "Traceback" not in stderr
+    assert last_checkpoint_step(run_dir) == 3 and metric_steps(run_dir) == [1, 2]  # step 3: after its evaluation
+    if sig == signal.SIGINT:
+        return
+    resumed = run_in_process("diffusion-train", f"resume={run_dir}", "trainer.num_quality_images=64", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert (run_dir / "samples" / "step_0000003.png").exists() and (run_dir / "denoising.png").exists()
+    assert json.loads((run_dir / "result.json").read_text())["status"] == "ok"
+    straight = tmp_path / "straight"
+    run_in_process("diffusion-train", *RESUMABLE_RUN, "trainer.max_steps=3", "trainer.checkpoint_every=0",
+                   "trainer.num_quality_images=64", f"hydra.run.dir={straight}", cwd=tmp_path)
+    lines = lambda d: [{k: v for k, v in json.loads(line).items() if k != "images_per_s"}
+                       for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert lines(run_dir) == lines(straight)  # the training part from the checkpoint, the evaluation redone
+    again = run_in_process("diffusion-train", f"resume={run_dir}", cwd=tmp_path)
+    assert again.returncode == 2 and "raise trainer.max_steps" in again.stderr  # finished now
+
+
+@pytest.mark.slow
 def test_resume_refuses_overrides_that_would_change_the_run(straight_run, tmp_path):
     straight_run, _ = straight_run
     before = (straight_run / "checkpoints" / "last.pt").read_bytes()
