@@ -57,6 +57,7 @@ class TrainerConfig:
     num_quality_images: int = non_negative("an integer >= 0 (0: no quality metrics)", resumable=True)
     max_nonfinite_skips: int = non_negative(resumable=True)
     grad_clip: float = non_negative("a number >= 0 (0: no clipping)")
+    grad_accum: int = positive()
     precision: str = one_of(PRECISIONS, resumable=True)
     compile: bool = plain(resumable=True)
 

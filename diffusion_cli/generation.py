@@ -4,7 +4,7 @@ benchmarks all draw through sample_images."""
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from .images import to_unit
 from .samplers import model_device, sample, sampler_from_config

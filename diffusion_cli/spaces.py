@@ -13,7 +13,7 @@ from typing import Callable, NamedTuple
 
 import torch
 from omegaconf import OmegaConf
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from . import checkpoint
 from .atomic import atomic_write

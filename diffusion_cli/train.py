@@ -16,7 +16,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
+from .progress import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import checkpoint, plots, runtime, spaces
@@ -69,9 +69,9 @@ class TrainStep:
         # rank too, from the rank's seed, so ranks draw different dropout masks.
         torch.manual_seed(torch.randint(2 ** 62, (), generator=torch.Generator().manual_seed(
             tc.seed + runtime.rank())).item())
-        network = self.model
+        network, self.ddp = self.model, None
         if runtime.world_size() > 1:  # gradients all-reduced in backward
-            network = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+            network = self.ddp = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.network = compiled(network, tc.compile, self.warm_up, "trainer.compile")
         # Sum of the losses of applied steps, applied steps, skipped steps, fp16 overflow
         # skips, first skipped step.
@@ -87,9 +87,14 @@ class TrainStep:
         self.lr = learning_rate(step, self.tc, self.lr_rewarm)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
-        loss = self.task.loss(self.network, self.batches.next(self.generator), self.generator)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        accum, loss = self.tc.grad_accum, 0.0
+        for micro in range(accum):  # the mean loss of accum x batch_size images, a micro-batch at a time
+            with self.ddp.no_sync() if self.ddp and micro < accum - 1 else nullcontext():  # all-reduce once
+                part = self.task.loss(self.network, self.batches.next(self.generator), self.generator)
+                part = part / accum if accum > 1 else part
+                self.scaler.scale(part).backward()
+            loss = loss + part.detach()
         self.scaler.unscale_(self.optimizer)  # fp16: true gradients for the norm (else a no-op)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip or float("inf"))
         applied = torch.isfinite(loss.detach() + grad_norm)  # else the step is skipped
@@ -171,7 +176,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     start_step = 0
     if state is not None:
         start_step = checkpoint.restore(state, trainer)
-        trainer.batches.start(start_step)
+        trainer.batches.start(start_step * tc.grad_accum)  # the stream's batch after the step's last
         trainer.lr_rewarm = rewarm_after_resume(state, tc)
         origin = checkpoint.run_dir_of(cfg.resume)
         if main_rank:  # the metrics up to the checkpoint, once each
@@ -220,7 +225,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             if log_due:
                 steps_done, elapsed = step - logged_step, time.perf_counter() - interval_start
                 record.update(loss=loss, lr=trainer.lr,
-                              images_per_s=steps_done * tc.batch_size * runtime.world_size() / elapsed)
+                              images_per_s=steps_done * tc.batch_size * tc.grad_accum * runtime.world_size() / elapsed)
                 if trainer.scaler.is_enabled():
                     record["fp16_overflow_skips"] = stats.overflows
                 logged_step, interval_start = step, time.perf_counter()

@@ -182,6 +182,25 @@ def test_a_signal_during_the_final_evaluation_ends_the_run_within_seconds(tmp_pa
     assert again.returncode == 2 and "raise trainer.max_steps" in again.stderr  # finished now
 
 
+def test_accumulating_runs_resume_bit_identically_from_the_streamed_data(tmp_path):
+    """grad_accum=2: checkpoints fall between optimizer steps, and the stream resumes after the
+    step's last micro-batch."""
+    folder = write_gradient_pngs(tmp_path / "pngs", 64, 16)
+    args = [*RESUMABLE_RUN, "data=folder", "model=mlp", f"data.path={folder}", "data.image_size=16",
+            "data.in_memory=false", "data.num_workers=0", "trainer.grad_accum=2", "trainer.batch_size=16",
+            "trainer.max_steps=6", "trainer.num_quality_images=0", "trainer.lr_warmup_steps=100"]
+    runs = {name: tmp_path / name for name in ("straight", "resumed")}
+    assert run_in_process("diffusion-train", *args, f"hydra.run.dir={runs['straight']}", cwd=tmp_path).returncode == 0
+    first = run_in_process("diffusion-train", *args, "trainer.max_steps=3", f"hydra.run.dir={runs['resumed']}",
+                           cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    resumed = run_in_process("diffusion-train", f"resume={runs['resumed']}", "trainer.max_steps=6", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    final, expected = (torch.load(run / "checkpoints" / "last.pt", weights_only=True) for run in runs.values())
+    for part in ("model", "ema", "optimizer"):
+        assert_same_state(final[part], expected[part], part)
+
+
 @pytest.mark.slow
 def test_resume_refuses_overrides_that_would_change_the_run(straight_run, tmp_path):
     straight_run, _ = straight_run

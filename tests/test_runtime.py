@@ -101,6 +101,32 @@ def test_grad_clip_bounds_the_gradient_norm():
     assert norms[0.0] > 1e-2 and norms[1e-3] <= 1e-3 * 1.001
 
 
+def test_accumulated_micro_batches_make_the_step_of_their_whole_batch():
+    """grad_accum=2 of 4 images: the gradients (clipped after accumulating), the weights and the
+    logged loss of one step of the same 8 images, timesteps and noise, up to float rounding."""
+    generator = torch.Generator().manual_seed(1)
+    x0, noise = torch.rand(8, 3, 16, 16, generator=generator) * 2 - 1, torch.randn(8, 3, 16, 16, generator=generator)
+    t = torch.randint(0, 20, (8,), generator=generator)
+    steps = {}
+    for batch, accum in ((8, 1), (4, 2)):
+        step = steps[accum] = TrainStep(tiny_config(f"trainer.batch_size={batch}", f"trainer.grad_accum={accum}"),
+                                        torch.device("cpu"), random_images())
+        starts = iter(range(0, 8, batch))
+
+        def fixed_loss(network, _batch, _generator, schedule=step.task.schedule):
+            part = slice(start := next(starts), start + batch)
+            output = network(schedule.q_sample(x0[part], t[part], noise[part]), t[part], None)
+            return (output - noise[part]).pow(2).mean()
+        step.task.loss = fixed_loss
+        step(1)
+    grads = {accum: torch.cat([p.grad.flatten() for p in step.model.parameters()]) for accum, step in steps.items()}
+    torch.testing.assert_close(grads[2], grads[1], rtol=1e-5, atol=1e-7)
+    for one, two in zip(steps[1].model.parameters(), steps[2].model.parameters()):
+        torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-7)
+    losses = [steps[accum].read_stats(reset_loss=True).loss for accum in (1, 2)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+
+
 def test_fp16_overflow_skips_are_counted_apart_and_kept_out_of_the_ema_and_loss():
     step = TrainStep(tiny_config("trainer.precision=fp16"), torch.device("cpu"),
                      random_images())
@@ -243,3 +269,22 @@ def test_the_benchmark_refuses_bad_input_in_one_line(args, named, capsys):
     stderr = capsys.readouterr().err
     assert exit.value.code == 2 and named in stderr.strip().splitlines()[-1], stderr
     assert "Traceback" not in stderr
+
+
+def test_progress_in_a_log_is_plain_lines(monkeypatch):
+    """stderr that is not a terminal: whole lines (start, at most every N seconds, end), no \\r frames."""
+    import io
+    from diffusion_cli.progress import tqdm
+
+    log = io.StringIO()
+    monkeypatch.setenv("DIFFUSION_CLI_PROGRESS_SECONDS", "3600")
+    for _ in tqdm(range(1000), desc="training", file=log):
+        pass
+    assert "\r" not in log.getvalue()
+    assert [line.split(" [")[0] for line in log.getvalue().splitlines()] == ["training:   0% 0/1000",
+                                                                            "training: 100% 1000/1000"]
+    monkeypatch.setenv("DIFFUSION_CLI_PROGRESS_SECONDS", "0")
+    log = io.StringIO()
+    for _ in tqdm(range(3), desc="sampling", file=log, leave=False):
+        pass
+    assert "\r" not in log.getvalue() and log.getvalue().count("\n") >= 2

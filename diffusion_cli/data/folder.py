@@ -80,7 +80,7 @@ class Decoder(torch.utils.data.Dataset):
 def decode_all(files: list[Path], size: int, channels: int, workers: int, skipped: list[int]):
     """uint8 chunks of the decodable images, decoded by `workers` processes; the indices of the
     others go into `skipped`."""
-    from tqdm.auto import tqdm
+    from ..progress import tqdm
 
     loader = torch.utils.data.DataLoader(Decoder(files, size, channels), batch_size=64,
                                          num_workers=workers, collate_fn=list)

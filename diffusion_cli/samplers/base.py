@@ -17,7 +17,7 @@ from functools import cached_property
 from typing import Callable, ClassVar, NamedTuple
 
 import torch
-from tqdm.auto import tqdm
+from ..progress import tqdm
 
 from ..objectives import X0, Objective, objective
 from ..schedule import NoiseSchedule
