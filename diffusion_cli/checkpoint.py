@@ -193,6 +193,8 @@ def restore(state: dict, trainer) -> int:
         trainer.generator.set_state(mine["train"])
         if "cuda" in mine:
             torch.cuda.set_rng_state(mine["cuda"], device)
+        if "mps" in mine:
+            torch.mps.set_rng_state(mine["mps"])
     else:
         seed = trainer.tc.seed + runtime.world_size() * state["step"] + runtime.rank()
         log.warning(f"this run trained on {device_type}, it resumes on {device.type}: weights, EMA "
@@ -202,6 +204,8 @@ def restore(state: dict, trainer) -> int:
         trainer.generator.manual_seed(seed)
         if device.type == "cuda":
             torch.cuda.manual_seed(seed)
+        if device.type == "mps":
+            torch.mps.manual_seed(seed)
     return state["step"]
 
 

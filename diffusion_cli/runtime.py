@@ -17,17 +17,32 @@ log = logging.getLogger(__name__)
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def devices_found() -> str:
+    """The devices this machine has, as device names: cpu, cuda:0 ..., mps."""
+    found = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0)]
+    return ", ".join(found + (["mps"] if torch.backends.mps.is_available() else []))
+
+
 def resolve_device(name: str, key: str = "device") -> torch.device:
-    """`auto` is CUDA when available, else the CPU; an explicit device must exist. Under torchrun
-    each process takes the GPU of its LOCAL_RANK, so a GPU index there is refused."""
+    """`auto` is CUDA when available, else the CPU; an explicit device must exist (cuda:N, or mps:
+    an Apple GPU). Under torchrun each process takes the GPU of its LOCAL_RANK, so a GPU index
+    there is refused."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"{key}={name} is not a device: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"{key}={name} but this machine has no usable CUDA GPU: use {key}=auto or cpu")
+        raise UserError(f"{key}={name} is not a device: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"{key}={name} is not a device this tool runs on: use auto, cpu, cuda, cuda:N or mps")
+    missing = {"cuda": not torch.cuda.is_available(), "mps": not torch.backends.mps.is_available()}
+    if missing.get(device.type):
+        what = "CUDA GPU" if device.type == "cuda" else "Apple GPU (MPS)"
+        raise UserError(f"{key}={name} but this machine has no usable {what}; it has: {devices_found()}. "
+                        f"Use {key}=auto or one of those")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"{key}={name} but this machine's CUDA GPUs are: {devices_found()}. "
+                        f"Use one of those, or {key}=auto")
     if device.type == "cuda" and device.index is not None and world_size() > 1:
         raise UserError(f"{key}={name} under torchrun would put every process on GPU {device.index}: "
                         f"use {key}=cuda (or auto), and each process takes the GPU of its LOCAL_RANK")

@@ -121,6 +121,8 @@ class TrainStep:
         states = {"train": self.generator.get_state(), "torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             states["cuda"] = torch.cuda.get_rng_state(self.device)
+        if self.device.type == "mps":  # the Apple GPU's own generator (dropout there)
+            states["mps"] = torch.mps.get_rng_state()
         return states
 
     def read_stats(self, reset_loss: bool, stop_requested: bool = False) -> "Stats":

@@ -225,6 +225,9 @@ BAD_DATA_INPUT = [
     ("diffusion-sample", ["ckpt=TRAINED", "save_images=maybe"], "save_images"),
     ("diffusion-train", ["data=folder", "data.path=one_image", "data.num_eval=all"], "data.num_eval"),
     ("diffusion-train", ["data=folder", "data.path=one_image", "data.num_eval=1"], "leave it at auto"),
+    ("diffusion-train", ["trainer.device=mps"], "it has: cpu"),                # no Apple GPU here
+    ("diffusion-train", ["trainer.device=cuda:3"], "it has: cpu"),
+    ("diffusion-sample", ["ckpt=TRAINED", "device=mps"], "it has: cpu"),
 ]
 # Trackers, presets and the sweep objective: config checks as above, in-process only.
 BAD_TRACKING_INPUT = [

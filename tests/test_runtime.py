@@ -288,3 +288,57 @@ def test_progress_in_a_log_is_plain_lines(monkeypatch):
     for _ in tqdm(range(3), desc="sampling", file=log, leave=False):
         pass
     assert "\r" not in log.getvalue() and log.getvalue().count("\n") >= 2
+
+
+class DeviceFloat64(TorchDispatchMode):
+    """Records each float64 result computed from the device's tensors (the model's, the schedule's,
+    and what is computed from them: the samples, the losses) without a copy to the CPU in
+    between: on an Apple GPU (MPS), which has no float64, each would fail. On a CPU-only machine
+    the device is the CPU, so the test makes Tensor.cpu() copy, as it does from a real device."""
+
+    def __init__(self, *modules):
+        super().__init__()
+        for tensor in (t for m in modules for t in (*m.parameters(), *m.buffers())):
+            tensor.on_device = True  # an attribute, not a set of ids: ids of freed tensors are reused
+        self.found = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        to_cpu = func._schema.name in ("aten::_to_copy", "aten::to") and kwargs.get("device") == torch.device("cpu")
+        if any(getattr(t, "on_device", False) for t in inputs) and not to_cpu:
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    t.on_device = True
+                    if t.dtype == torch.float64:
+                        self.found.add(str(func))
+        return out
+
+
+@pytest.mark.parametrize("overrides", [[], ["model=unet", "model.base_channels=8", "trainer.ema_decay=0.9"],
+                                       ["schedule=edm", "objective=v", "schedule.T=40"]])
+def test_no_float64_reaches_the_device(overrides, monkeypatch):
+    """trainer.device=mps: training steps, every sampler and the quality metrics stay in float32
+    on the device (float64 only on the CPU: schedules, noise-level tables, metrics)."""
+    from diffusion_cli.evaluate import Evaluator
+    from diffusion_cli.generation import sample_images
+    from diffusion_cli.metrics import gradient_quality
+    from diffusion_cli.samplers import SAMPLERS
+    from diffusion_cli.conditions import Unconditional
+    from diffusion_cli.spaces import PixelSpace
+
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: self.to("cpu", copy=True))
+    cfg = tiny_config(*overrides)
+    step = TrainStep(cfg, torch.device("cpu"), random_images())
+    step(1)
+    with DeviceFloat64(step.model, step.ema.model, step.task.schedule) as watch:
+        step(2)
+        Evaluator(Split(torch.rand(4, 3, 16, 16) * 2 - 1, None), step.task.schedule, 4, 0, Unconditional(),
+                  PixelSpace((3, 16, 16))).loss(step.ema.model)
+        for name in SAMPLERS:
+            with initialize_config_module("diffusion_cli.conf", version_base="1.3"):
+                sampler = compose("train", overrides=[f"sampler={name}", "sampler.steps=4"]).sampler
+            images = sample_images(step.ema.model, step.task.schedule, sampler, (2, 3, 16, 16), batch_size=2, seed=0)
+            gradient_quality(images)
+    assert not watch.found

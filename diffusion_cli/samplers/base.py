@@ -161,7 +161,7 @@ def karras_timesteps(schedule: NoiseSchedule, steps: int, rho: float = 7.0) -> l
 
 def noise_levels(schedule: NoiseSchedule) -> torch.Tensor:
     """s_t = sigma_t / alpha_t of every timestep, in float64 on the CPU."""
-    return (schedule.sqrt_one_minus_alpha_bars / schedule.sqrt_alpha_bars).double().cpu()
+    return (schedule.sqrt_one_minus_alpha_bars.cpu() / schedule.sqrt_alpha_bars.cpu()).double()  # MPS: no float64
 
 
 def nearest_timesteps(schedule: NoiseSchedule, levels: torch.Tensor) -> list[int]:
