@@ -6,6 +6,8 @@ import torch
 from torch.nn import functional as F
 from torchvision.utils import save_image
 
+from .atomic import atomic_write
+
 # Small images are scaled up (nearest neighbour, so pixels stay sharp) to at least this many
 # pixels a side: a grid of 16x16 images is unreadable at its own size.
 MIN_CELL_PIXELS = 64
@@ -46,17 +48,21 @@ def title_rows(path: Path, titles: list[str], cell: int) -> None:
     titled.save(path)
 
 
-def write_png(image: torch.Tensor, path: Path) -> None:
-    """A uint8 (C, H, W) image as a PNG file."""
+def write_png(image: torch.Tensor, path) -> None:
+    """A uint8 (C, H, W) image as a PNG file (a path or an open binary file)."""
     from PIL import Image
 
     array = image.permute(1, 2, 0).numpy()
-    Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(path)
+    Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(path, format="PNG")
 
 
-def save_each(images: torch.Tensor, folder: Path) -> None:
-    """Every image in [0, 1] as its own PNG, folder/000000.png, 000001.png, ... at its own size."""
+def save_each(images: torch.Tensor, folder: Path, first: int = 0, missing_only: bool = False) -> None:
+    """Every image in [0, 1] as its own PNG at its own size, folder/000000.png, 000001.png, ...
+    numbered from `first`; each written whole or not at all; `missing_only`: leave existing files."""
     folder.mkdir(parents=True, exist_ok=True)
     pixels = (images.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
-    for index, image in enumerate(pixels):
-        write_png(image, folder / f"{index:06d}.png")
+    for index, image in enumerate(pixels, start=first):
+        path = folder / f"{index:06d}.png"
+        if not (missing_only and path.exists()):
+            with atomic_write(path, "wb") as file:
+                write_png(image, file)

@@ -2,12 +2,13 @@
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint
 from .atomic import atomic_write
@@ -15,12 +16,13 @@ from .cli import console_script, run_task
 from .conditions import condition_of
 from .config import check_sampler_steps
 from .errors import UserError
-from .generation import image_seeds, sample_images
+from .generation import image_seeds, sample_batches
 from .images import save_each, save_grid
 from .metrics import quality_metric, sample_quality
 from .runtime import autocast, compiled, resolve_device
 from .samplers import sample
 from .spaces import checkpoint_space
+from .stopping import GracefulStop, Interrupted, Stopped
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +59,30 @@ def sample_from_checkpoint(cfg: DictConfig, run_dir: Path) -> dict:
              + (f", label {cfg.label}" if cfg.label is not None else "") + condition.describe(prompts)
              + (f", guidance {cfg.guidance_scale}" if labels is not None else ""))
     started = time.perf_counter()
-    with autocast(device, cfg.precision):
-        images = sample_images(model, schedule, cfg.sampler, (count, *shape), batch_size=cfg.batch_size,
-                               seed=cfg.seed, labels=labels, guidance_scale=cfg.guidance_scale,
-                               negative=negative, space=space, progress=True)
+    drawn = drawn_before(run_dir, cfg, count) if cfg.save_images else {}
+    before = sum(map(len, drawn.values()))
+    with autocast(device, cfg.precision), GracefulStop() as stop, stop.interruptible():
+        try:
+            for start, chunk in sample_batches(model, schedule, cfg.sampler, (count, *shape), batch_size=cfg.batch_size,
+                                               seed=cfg.seed, labels=labels, guidance_scale=cfg.guidance_scale,
+                                               negative=negative, space=space, progress=True, done=frozenset(drawn)):
+                if cfg.save_images:
+                    keep(run_dir, start, chunk)
+                drawn[start] = chunk
+        except Interrupted as signal_name:
+            done = sum(map(len, drawn.values()))
+            resume = (f"; the same command with hydra.run.dir={run_dir} goes on from there" if cfg.save_images
+                      else "; with save_images=true a rerun goes on where it stopped")
+            raise Stopped(f"{signal_name} after {done} of {count} images{resume}",
+                          exit_code=130 if str(signal_name) == "SIGINT" else 143) from None
+    images = torch.cat([drawn[start] for start in sorted(drawn)])
     sampling_s = time.perf_counter() - started
-    log.info(f"sampled {count} images in {sampling_s:.1f} s")
+    log.info(f"sampled {count - before} images in {sampling_s:.1f} s" + (f" ({before} drawn before)" if before else ""))
     grid = save_grid(images, run_dir / "samples.png", nrow, row_titles=titles)
     torch.save(images, run_dir / "samples.pt")
     if cfg.save_images:
-        save_each(images, run_dir / "images")
+        save_each(images, run_dir / "images", missing_only=True)  # a batch killed between its two writes
+        shutil.rmtree(run_dir / BATCHES)
         also = condition.write_prompts(run_dir / "prompts.jsonl", prompts, image_seeds(cfg.seed, count), cfg)
         log.info(f"wrote {count} PNG files to {run_dir / 'images'}{also}")
     metrics = {}
@@ -82,6 +98,34 @@ def sample_from_checkpoint(cfg: DictConfig, run_dir: Path) -> dict:
     log.info(f"wrote {grid} and {run_dir / 'samples.pt'}")
     return {**{key: value for key, value in metrics.items() if isinstance(value, float)},
             "sampling_s": sampling_s}
+
+
+# save_images=true: each batch drawn, until samples.pt holds them all (bulk sampling resumes).
+BATCHES = ".batches"
+
+
+def drawn_before(run_dir: Path, cfg: DictConfig, count: int) -> dict[int, torch.Tensor]:
+    """The batches an earlier run of the same command drew into run_dir (by first image index),
+    after checking the command is the same; {} for a new run, which records its command."""
+    folder, request = run_dir / BATCHES, json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True)
+    if not (folder / "request.json").is_file():
+        with atomic_write(folder / "request.json") as file:
+            file.write(request)
+        return {}
+    if (folder / "request.json").read_text() != request:
+        raise UserError(f"hydra.run.dir={run_dir} holds the unfinished images of another diffusion-sample "
+                        f"command ({folder / 'request.json'}): run that command again to finish them, choose "
+                        f"another hydra.run.dir, or add overwrite=true to replace them")
+    drawn = {int(path.stem): torch.load(path, weights_only=True) for path in folder.glob("[0-9]*.pt")}
+    log.info(f"going on from {sum(map(len, drawn.values()))} of {count} images drawn before into {run_dir}")
+    return drawn
+
+
+def keep(run_dir: Path, start: int, images: torch.Tensor) -> None:
+    """A batch's images as floats (for samples.pt), then as PNG files."""
+    with atomic_write(run_dir / BATCHES / f"{start:09d}.pt", "wb") as file:
+        torch.save(images, file)
+    save_each(images, run_dir / "images", first=start)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://diffusion_cli.conf", config_name="sample")

@@ -201,6 +201,41 @@ def test_accumulating_runs_resume_bit_identically_from_the_streamed_data(tmp_pat
         assert_same_state(final[part], expected[part], part)
 
 
+BULK = ["num_samples=200", "batch_size=10", "save_images=true", "sampler.steps=20", "device=cpu"]
+
+
+@pytest.mark.slow
+def test_bulk_sampling_killed_and_rerun_gives_the_same_files(trained_run, tmp_path):
+    """kill -9 while save_images writes its batches; the same command again goes on where it
+    stopped: every PNG once, and the same files and samples.pt as an uninterrupted run."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run_in_process("diffusion-sample", f"ckpt={trained_run}", *BULK, f"hydra.run.dir={straight}", cwd=tmp_path)
+    command = [script("diffusion-sample"), f"ckpt={trained_run}", *BULK, f"hydra.run.dir={killed}"]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert wait_for(process, lambda: len(list((killed / ".batches").glob("*.pt"))) >= 3)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    written = {path.name: path.stat().st_mtime_ns for path in (killed / "images").iterdir()}
+    assert 0 < len(written) < 200
+    rerun = run_in_process("diffusion-sample", f"ckpt={trained_run}", *BULK, f"hydra.run.dir={killed}", cwd=tmp_path)
+    assert rerun.returncode == 0 and "going on from" in rerun.stdout, rerun.stderr
+    files = sorted(path.name for path in (killed / "images").iterdir())
+    assert files == sorted(path.name for path in (straight / "images").iterdir()) and len(files) == 200
+    assert all((killed / "images" / name).read_bytes() == (straight / "images" / name).read_bytes() for name in files)
+    kept = {name: (killed / "images" / name).stat().st_mtime_ns for name in written}
+    assert kept == written  # the PNGs written before the kill were not written again
+    assert torch.equal(torch.load(killed / "samples.pt"), torch.load(straight / "samples.pt"))
+    assert not (killed / ".batches").exists()
+
+
+def test_an_unfinished_bulk_run_refuses_another_command(trained_run, tmp_path):
+    run = tmp_path / "bulk"
+    (run / ".batches").mkdir(parents=True)
+    (run / ".batches" / "request.json").write_text("{}")
+    other = run_in_process("diffusion-sample", f"ckpt={trained_run}", *BULK, f"hydra.run.dir={run}", cwd=tmp_path)
+    assert other.returncode == 2 and "unfinished images of another diffusion-sample command" in other.stderr
+
+
 @pytest.mark.slow
 def test_resume_refuses_overrides_that_would_change_the_run(straight_run, tmp_path):
     straight_run, _ = straight_run
