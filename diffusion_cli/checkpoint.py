@@ -120,7 +120,11 @@ def load(path: str | Path, device="cpu", use_ema: bool = True, state: dict | Non
         raise UserError(f"ckpt={path} is an autoencoder (task=autoencoder), not a denoiser: train one on "
                         f"its latents with diffusion-train autoencoder.ckpt={run_dir_of(resolve(path))} ...")
     shape = tuple(state["autoencoder"]["latent_shape"]) if "autoencoder" in state else config.data
-    model = build_model(config.model, shape, text_config(config), config.objective.prediction).to(device)
+    try:
+        model = build_model(config.model, shape, text_config(config), config.objective.prediction).to(device)
+    except UserError as error:  # its CLIP not where it was: a run from another machine, most often
+        raise UserError(f"{error} (a run moved from another machine: text_encoder.path=DIR names where its "
+                        f"CLIP is on this one)") from None
     try:
         model.load_state_dict(state["ema"] if use_ema and "ema" in state else state["model"])
     except RuntimeError as error:
@@ -128,6 +132,24 @@ def load(path: str | Path, device="cpu", use_ema: bool = True, state: dict | Non
                         f"({str(error).splitlines()[0]})") from None
     schedule = NoiseSchedule.from_config(config.schedule).to(device)
     return use_channels_last(model).eval(), schedule, config
+
+
+def relocated(state: dict, text_encoder_path: str | None = None, autoencoder_path: str | None = None) -> dict:
+    """A checkpoint whose pretrained parts load from other folders (a run moved to another
+    machine): text_encoder.path for its CLIP, autoencoder.path for its diffusers autoencoder. The
+    fingerprints it keeps still refuse other weights."""
+    config = state["config"]
+    if text_encoder_path is not None:
+        if config["data"].get("captions", "none") == "none" or config.get("text_encoder", {}).get("kind") != "clip":
+            raise UserError(f"text_encoder.path={text_encoder_path}: this model reads no pretrained text encoder "
+                            f"(it was not trained with text_encoder=clip on captions); leave it out")
+        config["text_encoder"]["path"] = text_encoder_path
+    if autoencoder_path is not None:
+        if state.get("autoencoder", {}).get("config", {}).get("kind") != "diffusers":
+            raise UserError(f"autoencoder.path={autoencoder_path}: this model has no pretrained autoencoder to "
+                            f"load (its own autoencoder, if any, is inside the checkpoint); leave it out")
+        state["autoencoder"]["config"]["path"] = config["autoencoder"]["path"] = autoencoder_path
+    return state
 
 
 def to_plain(cfg: DictConfig) -> dict:

@@ -8,7 +8,7 @@ defaults list. The checks across keys live with the part they concern (condition
 """
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -63,6 +63,11 @@ class TrainerConfig:
 
 
 @dataclass
+class MovedWeights:
+    path: Optional[str] = None   # where a checkpoint's pretrained weights are on this machine
+
+
+@dataclass
 class SampleConfig:
     """diffusion-sample's own keys; the model, schedule and data come from the checkpoint."""
     ckpt: str = MISSING
@@ -83,6 +88,8 @@ class SampleConfig:
     compile: bool = MISSING
     overwrite: bool = check(lambda v: isinstance(v, bool), "true or false", MISSING)
     sampler: Any = MISSING
+    text_encoder: MovedWeights = field(default_factory=MovedWeights)
+    autoencoder: MovedWeights = field(default_factory=MovedWeights)
 
 
 def register_schemas() -> None:
@@ -148,7 +155,8 @@ RULES = [
     ("sweep.direction", lambda v: v in ("minimize", "maximize"), "one of: minimize, maximize"),
 ]
 # Keys that may change when a run is resumed: the trainer's resumable ones, and whole groups.
-RESUMABLE = (*resumable_keys("trainer", TrainerConfig), "sampler", "logger", "sweep")
+RESUMABLE = (*resumable_keys("trainer", TrainerConfig), "sampler", "logger", "sweep",
+             "text_encoder.path", "autoencoder.path")  # a run moved to another machine
 
 
 def resumed_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, dict]:
@@ -156,6 +164,9 @@ def resumed_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, d
     checkpoint itself. Any other override is refused: it would not be the same run. The caller
     validates the result."""
     state = checkpoint.read(cfg.resume, key="resume")
+    moved = {key: OmegaConf.select(cfg, key) for key in ("text_encoder.path", "autoencoder.path")
+             if any(override.partition("=")[0].lstrip("+~") == key for override in overrides)}
+    state = checkpoint.relocated(state, moved.get("text_encoder.path"), moved.get("autoencoder.path"))
     saved = OmegaConf.create(state["config"])
     for group in ("trainer", "data"):  # keys newer than the checkpoint: the defaults
         for key, value in cfg[group].items():
@@ -166,6 +177,8 @@ def resumed_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, d
         key = override.partition("=")[0].lstrip("+~")
         if key == "resume" or key.startswith("hydra."):
             continue
+        if key in ("text_encoder", "autoencoder") and override.partition("=")[2] == saved[key].get("kind"):
+            continue  # the run's own option, named to give its path (a run moved to another machine)
         if not any(key == allowed or key.startswith(allowed + ".") for allowed in RESUMABLE):
             raise UserError(f"{key} cannot change when resuming (the run has {key}="
                             f"{OmegaConf.select(saved, key)}): drop that override, or start a new run")

@@ -32,7 +32,8 @@ def sample_from_checkpoint(cfg: DictConfig, run_dir: Path) -> dict:
     eval=true also quality.json; returns the quality metrics (eval=true, or gradients data) and
     the sampling time, which a `diffusion-sample -m` sweep collects into summary.csv."""
     device = resolve_device(cfg.device)
-    state = checkpoint.read(cfg.ckpt, map_location=device)
+    state = checkpoint.relocated(checkpoint.read(cfg.ckpt, map_location=device), cfg.text_encoder.path,
+                                 cfg.autoencoder.path)
     model, schedule, train_cfg = checkpoint.load(cfg.ckpt, device, use_ema=cfg.use_ema, state=state)
     space = checkpoint_space(state, device)
     check_sampler_steps(cfg.sampler, schedule.T)

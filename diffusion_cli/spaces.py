@@ -124,8 +124,12 @@ class LatentSpace:
     def from_state(cls, state: dict, device="cpu") -> "LatentSpace":
         if state["config"]["kind"] == "diffusers":
             config = state["config"]
-            return pretrained_latent_space(config["path"], config["subfolder"], state["image_shape"], device,
-                                           expected=config["fingerprint"])
+            try:
+                return pretrained_latent_space(config["path"], config["subfolder"], state["image_shape"], device,
+                                               expected=config["fingerprint"])
+            except UserError as error:  # a run from another machine, most often
+                raise UserError(f"{error} (a run moved from another machine: autoencoder.path=DIR names where "
+                                f"its weights are on this one)") from None
         channels, height, width = state["image_shape"]
         model = build_autoencoder(state["config"], OmegaConf.create(
             {"channels": channels, "height": height, "width": width}))

@@ -228,6 +228,8 @@ BAD_DATA_INPUT = [
     ("diffusion-train", ["trainer.device=mps"], "it has: cpu"),                # no Apple GPU here
     ("diffusion-train", ["trainer.device=cuda:3"], "it has: cpu"),
     ("diffusion-sample", ["ckpt=TRAINED", "device=mps"], "it has: cpu"),
+    ("diffusion-sample", ["ckpt=TRAINED", "text_encoder.path=clip"], "reads no pretrained text encoder"),
+    ("diffusion-sample", ["ckpt=TRAINED", "autoencoder.path=vae"], "has no pretrained autoencoder"),
 ]
 # Trackers, presets and the sweep objective: config checks as above, in-process only.
 BAD_TRACKING_INPUT = [

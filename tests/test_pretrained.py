@@ -3,6 +3,7 @@
 
 import copy
 import json
+import shutil
 import string
 import sys
 
@@ -110,11 +111,17 @@ def test_clip_trains_on_captions_and_samples_prompts_then_refuses_other_weights(
     sampled = run_in_process("diffusion-sample", f"ckpt={run}", "prompt=a red square", "num_samples=2",
                              "sampler=ddim", "sampler.steps=2", f"hydra.run.dir={tmp_path / 's'}", cwd=tmp_path)
     assert sampled.returncode == 0, sampled.stderr
+    shutil.copytree(clip, tmp_path / "moved")  # the run's CLIP, somewhere else on another machine
     save_tiny_clip(clip, seed=1)  # other weights where the run's CLIP was
     refused = run_in_process("diffusion-sample", f"ckpt={run}", "prompt=a red square",
                              f"hydra.run.dir={tmp_path / 'x'}", cwd=tmp_path)
     assert refused.returncode == 2 and "holds other CLIP weights" in refused.stderr, refused.stderr
     assert "Traceback" not in refused.stderr
+    moved = run_in_process("diffusion-sample", f"ckpt={run}", "prompt=a red square", "num_samples=2",
+                           "sampler=ddim", "sampler.steps=2", f"text_encoder.path={tmp_path / 'moved'}",
+                           f"hydra.run.dir={tmp_path / 'm'}", cwd=tmp_path)
+    assert moved.returncode == 0, moved.stderr
+    assert torch.equal(torch.load(tmp_path / "m" / "samples.pt"), torch.load(tmp_path / "s" / "samples.pt"))
 
 
 @pytest.mark.parametrize("path", ["{tmp}/empty", "diffusion-cli-tests/no-such-clip"])
@@ -184,6 +191,41 @@ def test_latent_diffusion_on_a_diffusers_autoencoder_keeps_its_name_not_its_weig
     save_tiny_vae(vae_dir, seed=1)  # other weights where the run's autoencoder was
     refused = run_in_process("diffusion-sample", f"ckpt={run}", f"hydra.run.dir={tmp_path / 'x'}", cwd=tmp_path)
     assert refused.returncode == 2 and "holds other weights than the autoencoder" in refused.stderr, refused.stderr
+
+
+def test_a_moved_run_reads_its_autoencoder_where_it_is_now(tmp_path):
+    """autoencoder.path= for diffusion-sample and resume=: the run's autoencoder from another
+    folder; its fingerprint still refuses other weights."""
+    vae_dir = save_tiny_vae(tmp_path / "vae")
+    run = tmp_path / "run"
+    trained = run_in_process(
+        "diffusion-train", "data=gradients", "data.height=8", "data.width=8", "data.num_train=64",
+        "data.num_eval=16", "autoencoder=diffusers", f"autoencoder.path={vae_dir}", "model=resunet",
+        "model.base_channels=8", "model.channel_mults=[1,2]", "schedule.T=10", "trainer.max_steps=2",
+        "trainer.batch_size=8", "trainer.num_grid_images=2", "trainer.num_quality_images=0",
+        "trainer.lr_warmup_steps=100", "trainer.device=cpu", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    moved = tmp_path / "elsewhere"
+    shutil.move(vae_dir, moved)
+    pretrained.diffusers_autoencoder.cache_clear()
+    sample = ["num_samples=2", "sampler=ddim", "sampler.steps=2"]
+    lost = run_in_process("diffusion-sample", f"ckpt={run}", *sample, f"hydra.run.dir={tmp_path / 'x'}", cwd=tmp_path)
+    assert lost.returncode == 2 and f"autoencoder.path={vae_dir}" in lost.stderr
+    found = run_in_process("diffusion-sample", f"ckpt={run}", *sample, f"autoencoder.path={moved}",
+                           f"hydra.run.dir={tmp_path / 's'}", cwd=tmp_path)
+    assert found.returncode == 0, found.stderr
+    resumed = run_in_process("diffusion-train", f"resume={run}", "trainer.max_steps=3", "autoencoder=diffusers",
+                             f"autoencoder.path={moved}",
+                             cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["autoencoder"]["config"]["path"] == str(moved)
+    save_tiny_vae(tmp_path / "other", seed=1)
+    other = run_in_process("diffusion-sample", f"ckpt={run}", f"autoencoder.path={tmp_path / 'other'}",
+                           f"hydra.run.dir={tmp_path / 'y'}", cwd=tmp_path)
+    assert other.returncode == 2 and "holds other weights than the autoencoder" in other.stderr
+    no_text = run_in_process("diffusion-sample", f"ckpt={run}", f"text_encoder.path={moved}",
+                             f"hydra.run.dir={tmp_path / 'z'}", cwd=tmp_path)
+    assert no_text.returncode == 2 and "reads no pretrained text encoder" in no_text.stderr
 
 
 @pytest.mark.parametrize("args, message", [
