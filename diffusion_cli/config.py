@@ -19,6 +19,7 @@ from . import checkpoint, conditions, spaces, tasks
 from .autoencoder import AutoencoderConfig, DiffusersAutoencoderConfig
 from .data import DataConfig
 from .errors import UserError
+from .fidelity import EvalConfig
 from .metrics import quality_keys
 from .models import MODEL_SCHEMAS
 from .objectives import ObjectiveConfig
@@ -110,6 +111,7 @@ def register_schemas() -> None:
     store.store(group="schema/logger", name="wandb", node=WandbConfig)
     store.store(group="schema/logger", name="mlflow", node=MLflowConfig)
     store.store(group="schema", name="sample", node=SampleConfig)
+    store.store(group="schema", name="eval", node=EvalConfig)
 
 
 register_schemas()
@@ -147,7 +149,7 @@ RULES = [
     *rules_of("text_encoder", [TextEncoderConfig, ClipTextEncoderConfig]),
     *rules_of("autoencoder", [AutoencoderConfig, DiffusersAutoencoderConfig]),
     *rules_of("logger.wandb", [WandbConfig]),
-    *rules_of("", [SampleConfig]),
+    *rules_of("", [SampleConfig, EvalConfig]),  # the commands' own top-level keys
     ("sampler.kind", lambda v: v in SAMPLERS, f"one of: {', '.join(SAMPLERS)}"),
     ("schedule.kind", lambda v: v in SCHEDULES, f"one of: {', '.join(SCHEDULES)}"),
     ("task", lambda v: v in tasks.TASKS, f"one of: {', '.join(tasks.TASKS)}"),

@@ -12,6 +12,7 @@ from . import checkpoint
 RUN_OUTPUTS = (".hydra", "checkpoints", "samples", "reconstructions", "metrics.jsonl", "result.json",
                "loss.png", "loss_by_t.png", "denoising.png", "train.log", "train_rank*.log",
                "samples.png", "samples.pt", "images", ".batches", "quality.json", "sample.log",
+               "eval.json", "eval.log",
                # the trackers' (logger=...) files
                "trackers.json", "csv", "tensorboard", "wandb", "mlflow.db", "mlartifacts")
 SWEEP_OUTPUTS = ("summary.csv", "summary.png", "multirun.yaml")
