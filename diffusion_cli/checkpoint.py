@@ -134,24 +134,6 @@ def load(path: str | Path, device="cpu", use_ema: bool = True, state: dict | Non
     return use_channels_last(model).eval(), schedule, config
 
 
-def relocated(state: dict, text_encoder_path: str | None = None, autoencoder_path: str | None = None) -> dict:
-    """A checkpoint whose pretrained parts load from other folders (a run moved to another
-    machine): text_encoder.path for its CLIP, autoencoder.path for its diffusers autoencoder. The
-    fingerprints it keeps still refuse other weights."""
-    config = state["config"]
-    if text_encoder_path is not None:
-        if config["data"].get("captions", "none") == "none" or config.get("text_encoder", {}).get("kind") != "clip":
-            raise UserError(f"text_encoder.path={text_encoder_path}: this model reads no pretrained text encoder "
-                            f"(it was not trained with text_encoder=clip on captions); leave it out")
-        config["text_encoder"]["path"] = text_encoder_path
-    if autoencoder_path is not None:
-        if state.get("autoencoder", {}).get("config", {}).get("kind") != "diffusers":
-            raise UserError(f"autoencoder.path={autoencoder_path}: this model has no pretrained autoencoder to "
-                            f"load (its own autoencoder, if any, is inside the checkpoint); leave it out")
-        state["autoencoder"]["config"]["path"] = config["autoencoder"]["path"] = autoencoder_path
-    return state
-
-
 def to_plain(cfg: DictConfig) -> dict:
     """The resolved config as plain Python containers, for checkpoints and result files."""
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
@@ -207,8 +189,7 @@ def restore(state: dict, trainer) -> int:
     trainer.optimizer.load_state_dict(state["optimizer"])
     if "scaler" in state:
         trainer.scaler.load_state_dict(state["scaler"])
-    if "latent" in state:  # task=autoencoder: the scale measured at this step (its evaluation may be redone)
-        trainer.task.latent = state["latent"]
+    trainer.task.restore(state)
     mine, device = ranks[runtime.rank()], trainer.device
     torch.set_rng_state(mine["torch"])
     if device_type == device.type:

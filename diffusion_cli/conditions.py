@@ -248,6 +248,19 @@ def check_config(cfg) -> None:
         raise UserError(str(error)) from None
 
 
+def moved_text_encoder(state: dict, path: str | None) -> dict:
+    """A checkpoint whose CLIP loads from `path` (a run moved to another machine); its fingerprint
+    still refuses other weights."""
+    if path is None:
+        return state
+    config = state["config"]
+    if text_config(OmegaConf.create(config)) is None or config["text_encoder"]["kind"] != "clip":
+        raise UserError(f"text_encoder.path={path}: this model reads no pretrained text encoder (it was not "
+                        f"trained with text_encoder=clip on captions); leave it out")
+    config["text_encoder"]["path"] = path
+    return state
+
+
 def text_config(cfg) -> dict | None:
     """The run's text_encoder config when its data has captions, else None."""
     if cfg.data.get("captions", "none") == "none":

@@ -19,7 +19,7 @@ from . import checkpoint, conditions, spaces, tasks
 from .autoencoder import AutoencoderConfig, DiffusersAutoencoderConfig
 from .data import DataConfig
 from .errors import UserError
-from .fidelity import EvalConfig
+from .fidelity import EXTRACTORS
 from .metrics import quality_keys
 from .models import MODEL_SCHEMAS
 from .objectives import ObjectiveConfig
@@ -61,6 +61,24 @@ class TrainerConfig:
     grad_accum: int = positive()
     precision: str = one_of(PRECISIONS, resumable=True)
     compile: bool = plain(resumable=True)
+
+
+@dataclass
+class EvalConfig:
+    """diffusion-eval's keys (conf/eval.yaml documents them)."""
+    samples: str = MISSING
+    reference: str = MISSING
+    extractor: str = one_of(EXTRACTORS)
+    weights: Optional[str] = None
+    max_samples: Optional[int] = check(lambda v: v is None or v >= 2, "null (all) or an integer >= 2", None)
+    max_reference: Optional[int] = check(lambda v: v is None or v >= 2, "null (all) or an integer >= 2", None)
+    batch_size: int = positive()
+    kid_subsets: int = positive()
+    kid_subset_size: int = check(lambda v: v >= 2, "an integer >= 2", MISSING)
+    prc_neighborhood: int = positive()
+    seed: int = MISSING
+    device: str = MISSING
+    overwrite: bool = MISSING
 
 
 @dataclass
@@ -157,8 +175,9 @@ RULES = [
     ("sweep.direction", lambda v: v in ("minimize", "maximize"), "one of: minimize, maximize"),
 ]
 # Keys that may change when a run is resumed: the trainer's resumable ones, and whole groups.
-RESUMABLE = (*resumable_keys("trainer", TrainerConfig), "sampler", "logger", "sweep",
-             "text_encoder.path", "autoencoder.path")  # a run moved to another machine
+MOVABLE = ("text_encoder.path", "autoencoder.path")  # a run moved to another machine: its weights' folders
+NAMED_TO_MOVE = tuple(key.partition(".")[0] for key in MOVABLE)  # their groups, named on resume to give them
+RESUMABLE = (*resumable_keys("trainer", TrainerConfig), "sampler", "logger", "sweep", *MOVABLE)
 
 
 def resumed_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, dict]:
@@ -166,9 +185,9 @@ def resumed_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, d
     checkpoint itself. Any other override is refused: it would not be the same run. The caller
     validates the result."""
     state = checkpoint.read(cfg.resume, key="resume")
-    moved = {key: OmegaConf.select(cfg, key) for key in ("text_encoder.path", "autoencoder.path")
+    moved = {key: OmegaConf.select(cfg, key) for key in MOVABLE
              if any(override.partition("=")[0].lstrip("+~") == key for override in overrides)}
-    state = checkpoint.relocated(state, moved.get("text_encoder.path"), moved.get("autoencoder.path"))
+    state = spaces.relocated(state, moved.get("text_encoder.path"), moved.get("autoencoder.path"))
     saved = OmegaConf.create(state["config"])
     for group in ("trainer", "data"):  # keys newer than the checkpoint: the defaults
         for key, value in cfg[group].items():
@@ -179,7 +198,7 @@ def resumed_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, d
         key = override.partition("=")[0].lstrip("+~")
         if key == "resume" or key.startswith("hydra."):
             continue
-        if key in ("text_encoder", "autoencoder") and override.partition("=")[2] == saved[key].get("kind"):
+        if key in NAMED_TO_MOVE and override.partition("=")[2] == saved[key].get("kind"):
             continue  # the run's own option, named to give its path (a run moved to another machine)
         if not any(key == allowed or key.startswith(allowed + ".") for allowed in RESUMABLE):
             raise UserError(f"{key} cannot change when resuming (the run has {key}="

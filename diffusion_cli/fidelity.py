@@ -1,33 +1,20 @@
-"""diffusion-eval: FID, KID and precision/recall (Kynkäänniemi et al. 2019) between a set of images
-and a reference, through torch-fidelity (the `eval` extra): its feature extractors (Inception-v3
-as TF-FID has it; DINOv2 ViT-S/14, whose Fréchet distance Stein et al. 2023 recommend) or the
-project's MNIST classifier, and its math. The reference's features are cached under a key of
-everything they depend on (its images, the extractor and its weights, the resize rule, N), so a
-stale cache can't be read: another key is another file."""
+"""FID, KID and precision/recall (Kynkäänniemi et al. 2019) of two image sets through torch-fidelity
+(the `eval` extra): its feature extractors (Inception-v3 as TF-FID has it; DINOv2 ViT-S/14, whose
+Fréchet distance Stein et al. 2023 recommend) or the project's MNIST classifier registered as one of
+them, and its math. diffusion-eval (score.py) is the command around it."""
 
 import contextlib
-import hashlib
 import io
-import json
 import logging
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
-import hydra
 import torch
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from .atomic import atomic_write
-from .data import load_data
-from .data.folder import decode, scan
-from .data.rows import cache_dir
 from .errors import UserError
-from .models.pretrained import fingerprint, require
+from .models.pretrained import require
 from .progress import tqdm
-from .runtime import resolve_device
-from .schema import check, one_of, positive
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +26,6 @@ EXTRACTORS = {
     "dinov2": ("dinov2-vit-s-14", "dinov2", "bicubic to 224x224 inside DINOv2"),
     "mnist": ("diffusion-cli-mnist", "features", "bilinear to 28x28 grayscale (the project's MNIST classifier)"),
 }
-BUILT_IN = ("mnist", "fashion_mnist", "cifar10", "gradients")  # reference=NAME: that data set's training images
 FID_BIASED_BELOW = 2000  # FID's estimate is biased upward at small N (Binkowski et al. 2018): KID is not
 
 
@@ -132,44 +118,6 @@ def as_uint8(images: torch.Tensor) -> torch.Tensor:
     return images if images.dtype == torch.uint8 else (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def read_images(spec: str, size: int | None, limit: int | None, cfg: DictConfig) -> tuple[torch.Tensor, str, dict]:
-    """(uint8 images, a description, what they are for the cache key) of `spec`: a built-in data
-    set's name (its first training images), a diffusion-sample run dir (its images/, else
-    samples.pt), or a folder of images (resized by the shorter side to `size` and center-cropped;
-    samples, `size` None: at the first one's size)."""
-    if spec in BUILT_IN:
-        from hydra import compose  # the data group as diffusion-train composes it (its root, its shape)
-        data = compose(config_name="train", overrides=[f"data={spec}"]).data
-        train, _ = load_data(data)
-        images = train.images[:limit] if limit else train.images
-        identity = {"data": OmegaConf.to_container(data, resolve=True), "count": len(images)}
-        return as_uint8(images), f"data={spec} (its first {len(images):,} training images)", identity
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise UserError(f"{spec} is neither a folder, a run dir nor a built-in data set ({', '.join(BUILT_IN)})")
-    if (path / "samples.pt").is_file() and not (path / "images").is_dir():
-        images = torch.load(path / "samples.pt", weights_only=True)[:limit]
-        return as_uint8(images), f"{path / 'samples.pt'}", {"file": str(path.resolve()), **stat_of(path / "samples.pt")}
-    folder = path / "images" if (path / "images").is_dir() else path
-    _, files, _ = scan(OmegaConf.create({"path": str(folder), "labels": "none"}))
-    files = files[:limit] if limit else files
-    if size is None:  # samples: at their own size
-        from PIL import Image
-        with Image.open(files[0]) as first:
-            size = min(first.size)
-    images = [decode(file, size, 3) for file in files]
-    kept = [image for image in images if image is not None]
-    if not kept:
-        raise UserError(f"{spec}: none of its {len(files)} image files could be decoded")
-    key = {"folder": str(folder.resolve()), "size": size, "files": [[str(f), *stat_of(f).values()] for f in files]}
-    return torch.stack(kept), f"{folder} ({len(kept)} images)", key
-
-
-def stat_of(path: Path) -> dict:
-    info = path.stat()
-    return {"bytes": info.st_size, "mtime_ns": info.st_mtime_ns}
-
-
 @torch.no_grad()
 def features(model, layer: str, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
     """The extractor's features (N, D) of uint8 images, a batch at a time (with a progress bar)."""
@@ -179,31 +127,6 @@ def features(model, layer: str, images: torch.Tensor, batch_size: int, device: t
         batch = torch.stack([Images(images)[i] for i in range(start, min(start + batch_size, len(images)))])
         found.append(model.convert_features_tuple_to_dict(model(batch.to(device)))[layer].cpu())
     return torch.cat(found)
-
-
-def reference_features(cfg: DictConfig, model, layer: str, weights_id: str, size: int, device) -> tuple[torch.Tensor, str]:
-    """The reference's features, from the cache when its key is there; (features, description)."""
-    path = Path(cfg.reference).expanduser()
-    if path.suffix == ".pt" and path.is_file():  # a features file this command wrote
-        saved = torch.load(path, weights_only=True)
-        if saved["extractor"] != [cfg.extractor, weights_id]:
-            raise UserError(f"reference={cfg.reference} holds {saved['extractor'][0]} features of other weights: "
-                            f"use extractor={saved['extractor'][0]} with those weights, or another reference")
-        return saved["features"], f"{path} ({len(saved['features'])} images' cached features)"
-    images, description, identity = read_images(cfg.reference, size, cfg.max_reference, cfg)
-    key = hashlib.sha256(json.dumps({"reference": identity, "extractor": cfg.extractor, "weights": weights_id,
-                                     "resize": EXTRACTORS[cfg.extractor][2], "size": size, "count": len(images)},
-                                    sort_keys=True).encode()).hexdigest()[:20]
-    cached = cache_dir() / "fidelity" / f"{key}.pt"
-    log.info(f"reference: {description}; cache key {key}")
-    if cached.is_file():
-        log.info(f"reference features read from {cached}")
-        return torch.load(cached, weights_only=True)["features"], description
-    found = features(model, layer, images, cfg.batch_size, device)
-    with atomic_write(cached, "wb") as file:
-        torch.save({"features": found, "extractor": [cfg.extractor, weights_id], "reference": description}, file)
-    log.info(f"reference features cached in {cached} (give it as reference=PATH to reuse them anywhere)")
-    return found, description
 
 
 def metrics(generated: torch.Tensor, real: torch.Tensor, cfg: DictConfig) -> dict:
@@ -221,60 +144,3 @@ def metrics(generated: torch.Tensor, real: torch.Tensor, cfg: DictConfig) -> dic
     return {"fid": fid["frechet_inception_distance"], "kid_mean": kid["kernel_inception_distance_mean"],
             "kid_std": kid["kernel_inception_distance_std"], "precision": prc["precision"],
             "recall": prc["recall"], "kid_subset_size": subset}
-
-
-def evaluate_sets(cfg: DictConfig, run_dir: Path) -> dict:
-    """diffusion-eval's job: the metrics of cfg.samples against cfg.reference, printed with what they
-    depend on and written to run_dir/eval.json."""
-    device = resolve_device(cfg.device)
-    model, layer = extractor(cfg, device)  # before any image is read: missing weights stop here
-    weights_id = fingerprint(model)
-    samples, description, _ = read_images(cfg.samples, None, cfg.max_samples, cfg)
-    log.info(f"samples: {description}; extractor {cfg.extractor} (weights {weights_id}), "
-             f"{EXTRACTORS[cfg.extractor][2]}")
-    real, reference = reference_features(cfg, model, layer, weights_id, samples.shape[-1], device)
-    generated = features(model, layer, samples, cfg.batch_size, device)
-    result = metrics(generated, real, cfg)
-    result.update(num_samples=len(generated), num_reference=len(real), extractor=cfg.extractor,
-                  weights=weights_id, resize=EXTRACTORS[cfg.extractor][2], samples=description, reference=reference)
-    log.info(f"FID {result['fid']:.3f}  KID {result['kid_mean']:.5f} ± {result['kid_std']:.5f} "
-             f"({cfg.kid_subsets} subsets of {result['kid_subset_size']})  precision {result['precision']:.4f}  "
-             f"recall {result['recall']:.4f}  (N = {len(generated):,} samples vs {len(real):,} reference images)")
-    if len(generated) < FID_BIASED_BELOW:
-        log.warning(f"FID from {len(generated):,} samples is biased upward (it falls as N grows): compare runs at "
-                    f"the same N, or by KID, which is unbiased")
-    with atomic_write(run_dir / "eval.json") as file:
-        file.write(json.dumps(result, indent=2))
-    return {key: value for key, value in result.items() if isinstance(value, float)}
-
-
-@dataclass
-class EvalConfig:
-    """diffusion-eval's keys (conf/eval.yaml documents them)."""
-    samples: str = MISSING
-    reference: str = MISSING
-    extractor: str = one_of(EXTRACTORS)
-    weights: Optional[str] = None
-    max_samples: Optional[int] = check(lambda v: v is None or v >= 2, "null (all) or an integer >= 2", None)
-    max_reference: Optional[int] = check(lambda v: v is None or v >= 2, "null (all) or an integer >= 2", None)
-    batch_size: int = positive()
-    kid_subsets: int = positive()
-    kid_subset_size: int = check(lambda v: v >= 2, "an integer >= 2", MISSING)
-    prc_neighborhood: int = positive()
-    seed: int = MISSING
-    device: str = MISSING
-    overwrite: bool = MISSING
-
-
-@hydra.main(version_base="1.3", config_path="pkg://diffusion_cli.conf", config_name="eval")
-def main(cfg: DictConfig) -> None:
-    from .cli import run_task  # cli.py imports config.py, which registers this module's schema
-    run_task(evaluate_sets, cfg)
-
-
-def cli() -> None:
-    from .cli import console_script
-    console_script(main)()
-
-if __name__ == "__main__":
-    cli()

@@ -41,7 +41,7 @@ def resolve_device(name: str, key: str = "device") -> torch.device:
         raise UserError(f"{key}={name} but this machine has no usable {what}; it has: {devices_found()}. "
                         f"Use {key}=auto or one of those")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"{key}={name} but this machine's CUDA GPUs are: {devices_found()}. "
+        raise UserError(f"{key}={name} but this machine's devices are: {devices_found()}. "
                         f"Use one of those, or {key}=auto")
     if device.type == "cuda" and device.index is not None and world_size() > 1:
         raise UserError(f"{key}={name} under torchrun would put every process on GPU {device.index}: "

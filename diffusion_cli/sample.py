@@ -21,7 +21,7 @@ from .images import save_each, save_grid
 from .metrics import quality_metric, sample_quality
 from .runtime import autocast, compiled, resolve_device
 from .samplers import sample
-from .spaces import checkpoint_space
+from .spaces import checkpoint_space, relocated
 from .stopping import GracefulStop, Interrupted, Stopped
 
 log = logging.getLogger(__name__)
@@ -32,15 +32,14 @@ def sample_from_checkpoint(cfg: DictConfig, run_dir: Path) -> dict:
     eval=true also quality.json; returns the quality metrics (eval=true, or gradients data) and
     the sampling time, which a `diffusion-sample -m` sweep collects into summary.csv."""
     device = resolve_device(cfg.device)
-    state = checkpoint.relocated(checkpoint.read(cfg.ckpt, map_location=device), cfg.text_encoder.path,
-                                 cfg.autoencoder.path)
+    state = relocated(checkpoint.read(cfg.ckpt, map_location=device), cfg.text_encoder.path, cfg.autoencoder.path)
     model, schedule, train_cfg = checkpoint.load(cfg.ckpt, device, use_ema=cfg.use_ema, state=state)
     space = checkpoint_space(state, device)
     check_sampler_steps(cfg.sampler, schedule.T)
     if cfg.eval and not quality_metric(train_cfg.data):
         raise UserError(f"eval=true: data={train_cfg.data.kind} has no quality metric in this project; "
-                        f"use save_images=true and compute FID on the images/ folder with an "
-                        f"external tool (clean-fid, torch-fidelity)")
+                        f"use save_images=true and diffusion-eval samples=THIS_RUN reference=YOUR_FOLDER "
+                        f"(FID, KID, precision/recall)")
     shape = space.shape
     condition = condition_of(model, train_cfg.data)
     labels, shown_classes, nrow, titles, negative, prompts = condition.requested(cfg)
@@ -113,7 +112,8 @@ def drawn_before(run_dir: Path, cfg: DictConfig, count: int) -> dict[int, torch.
         with atomic_write(folder / "request.json") as file:
             file.write(request)
         return {}
-    if (folder / "request.json").read_text() != request:
+    earlier = (folder / "request.json").read_text()
+    if earlier != request:
         raise UserError(f"hydra.run.dir={run_dir} holds the unfinished images of another diffusion-sample "
                         f"command ({folder / 'request.json'}): run that command again to finish them, choose "
                         f"another hydra.run.dir, or add overwrite=true to replace them")

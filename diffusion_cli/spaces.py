@@ -18,6 +18,7 @@ from .progress import tqdm
 from . import checkpoint
 from .atomic import atomic_write
 from .autoencoder import build_autoencoder
+from .conditions import moved_text_encoder
 from .data import Split, to_model_range
 from .data.rows import RowFile, cache_dir
 from .errors import UserError
@@ -176,6 +177,20 @@ def checkpoint_space(state: dict, device="cpu") -> Space:
     if "autoencoder" in state:
         return LatentSpace.from_state(state["autoencoder"], device)
     return PixelSpace(image_shape(OmegaConf.create(state["config"]["data"])))
+
+
+def relocated(state: dict, text_encoder_path: str | None, autoencoder_path: str | None) -> dict:
+    """A checkpoint whose pretrained parts load from other folders (a run moved to another
+    machine): text_encoder.path for its CLIP, autoencoder.path for its diffusers autoencoder. The
+    fingerprints it keeps still refuse other weights."""
+    state = moved_text_encoder(state, text_encoder_path)
+    if autoencoder_path is None:
+        return state
+    if state.get("autoencoder", {}).get("config", {}).get("kind") != "diffusers":
+        raise UserError(f"autoencoder.path={autoencoder_path}: this model has no pretrained autoencoder to load "
+                        f"(its own autoencoder, if any, is inside the checkpoint); leave it out")
+    state["autoencoder"]["config"]["path"] = state["config"]["autoencoder"]["path"] = autoencoder_path
+    return state
 
 
 def load_autoencoder(path, device="cpu") -> LatentSpace:

@@ -60,6 +60,9 @@ class DenoiserTask:
     def prepare_checkpoint(self, model) -> None:
         """Nothing to measure: a denoiser's checkpoint is its training state."""
 
+    def restore(self, state: dict) -> None:
+        """Nothing of its own to restore."""
+
     def evaluate(self, record: dict, step: int, model, run_dir: Path) -> dict:
         return evaluate(record, step, model, self.schedule, self.evaluator, self.cfg, run_dir, self.eval_data)
 
@@ -101,6 +104,10 @@ class AutoencoderTask:
     def start_evaluation(self, eval_data: Split, train_data: Split) -> None:
         self.evaluator = ReconstructionEvaluator(eval_data.head(self.cfg.trainer.num_eval_images), self.cfg)
         self.scale_images = first_images(train_data, self.cfg.autoencoder.scale_images) if runtime.is_main() else None
+
+    def restore(self, state: dict) -> None:
+        """The latent scale measured at the checkpoint's step (its evaluation may be redone)."""
+        self.latent = state.get("latent")
 
     def prepare_checkpoint(self, model) -> None:
         """The latent scale, which the checkpoint stores."""

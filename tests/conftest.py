@@ -94,9 +94,9 @@ def run_in_process(name: str, *args: str, cwd: Path, env: dict | None = None
 
     from hydra.core.global_hydra import GlobalHydra
 
-    from diffusion_cli import fidelity, sample, train
+    from diffusion_cli import sample, score, train
 
-    entry = {"diffusion-train": train.cli, "diffusion-sample": sample.cli, "diffusion-eval": fidelity.cli}[name]
+    entry = {"diffusion-train": train.cli, "diffusion-sample": sample.cli, "diffusion-eval": score.cli}[name]
     out, err, code = io.StringIO(), io.StringIO(), 0
     saved = dict(os.environ), list(sys.argv), os.getcwd()
     os.environ.update({"HYDRA_FULL_ERROR": "", **(env or {})})

@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import run_in_process
-from diffusion_cli import fidelity
+from diffusion_cli import fidelity, score
 from diffusion_cli.data import make_gradients
 from diffusion_cli.images import save_each
 
@@ -55,7 +55,7 @@ def test_the_numbers_are_torch_fidelity_s_own(folders):
     cfg = OmegaConf.create({"extractor": "mnist", "weights": None, "kid_subsets": 20, "kid_subset_size": 100,
                             "prc_neighborhood": 3, "seed": 0})
     model, layer = fidelity.extractor(cfg, torch.device("cpu"))
-    sets = [fidelity.read_images(str(folders[name]), 16, None, cfg)[0] for name in ("first", "second")]
+    sets = [score.read_images(str(folders[name]), 16, None, cfg)[0] for name in ("first", "second")]
     ours = fidelity.metrics(*[fidelity.features(model, layer, images, 64, torch.device("cpu")) for images in sets], cfg)
     theirs = torch_fidelity.calculate_metrics(
         input1=fidelity.Images(sets[0]), input2=fidelity.Images(sets[1]), feature_extractor="diffusion-cli-mnist",

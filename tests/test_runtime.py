@@ -155,12 +155,21 @@ def test_ranks_start_from_the_same_weights_but_draw_their_own_dropout(monkeypatc
 
 def test_an_explicit_gpu_index_under_torchrun_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
     with pytest.raises(UserError, match="LOCAL_RANK") as error:
         runtime.resolve_device("cuda:0", key="trainer.device")
     assert "trainer.device=cuda" in str(error.value)
     assert runtime.resolve_device("cuda", key="trainer.device") == torch.device("cuda", 1)
+
+
+def test_a_gpu_index_past_the_last_gpu_names_the_ones_there(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(UserError, match=r"trainer.device=cuda:2 but this machine's devices are: cpu, cuda:0, cuda:1"):
+        runtime.resolve_device("cuda:2", key="trainer.device")
+    assert runtime.resolve_device("cuda:1", key="trainer.device") == torch.device("cuda", 1)
 
 
 def test_tf32_and_cudnn_autotuning_are_on_for_a_gpu_only():
