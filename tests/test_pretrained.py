@@ -171,15 +171,20 @@ def test_a_pretrained_autoencoder_uses_its_own_scale_and_shift(tmp_path):
     assert "model" not in latents.state() and latents.state()["config"]["fingerprint"] == latents.model.fingerprint
 
 
-def test_latent_diffusion_on_a_diffusers_autoencoder_keeps_its_name_not_its_weights(tmp_path):
-    vae_dir = save_tiny_vae(tmp_path / "vae")
-    run = tmp_path / "run"
-    trained = run_in_process(
+def train_on(vae_dir, run, *extra: str):
+    """A tiny latent diffusion run of 2 steps on the diffusers autoencoder at vae_dir."""
+    return run_in_process(
         "diffusion-train", "data=gradients", "data.height=8", "data.width=8", "data.num_train=64",
         "data.num_eval=16", "autoencoder=diffusers", f"autoencoder.path={vae_dir}", "model=resunet",
         "model.base_channels=8", "model.channel_mults=[1,2]", "schedule.T=10", "trainer.max_steps=2",
         "trainer.batch_size=8", "trainer.num_grid_images=2", "trainer.num_quality_images=0",
-        "trainer.device=cpu", f"hydra.run.dir={run}", cwd=tmp_path)
+        "trainer.device=cpu", *extra, f"hydra.run.dir={run}", cwd=run.parent)
+
+
+def test_latent_diffusion_on_a_diffusers_autoencoder_keeps_its_name_not_its_weights(tmp_path):
+    vae_dir = save_tiny_vae(tmp_path / "vae")
+    run = tmp_path / "run"
+    trained = train_on(vae_dir, run)
     assert trained.returncode == 0, trained.stderr
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert state["autoencoder"]["config"]["path"] == str(vae_dir) and "model" not in state["autoencoder"]
@@ -198,12 +203,7 @@ def test_a_moved_run_reads_its_autoencoder_where_it_is_now(tmp_path):
     folder; its fingerprint still refuses other weights."""
     vae_dir = save_tiny_vae(tmp_path / "vae")
     run = tmp_path / "run"
-    trained = run_in_process(
-        "diffusion-train", "data=gradients", "data.height=8", "data.width=8", "data.num_train=64",
-        "data.num_eval=16", "autoencoder=diffusers", f"autoencoder.path={vae_dir}", "model=resunet",
-        "model.base_channels=8", "model.channel_mults=[1,2]", "schedule.T=10", "trainer.max_steps=2",
-        "trainer.batch_size=8", "trainer.num_grid_images=2", "trainer.num_quality_images=0",
-        "trainer.lr_warmup_steps=100", "trainer.device=cpu", f"hydra.run.dir={run}", cwd=tmp_path)
+    trained = train_on(vae_dir, run, "trainer.lr_warmup_steps=100")
     assert trained.returncode == 0, trained.stderr
     moved = tmp_path / "elsewhere"
     shutil.move(vae_dir, moved)
