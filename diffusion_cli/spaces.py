@@ -13,7 +13,6 @@ from typing import Callable, NamedTuple
 
 import torch
 from omegaconf import OmegaConf
-from .progress import tqdm
 
 from . import checkpoint
 from .atomic import atomic_write
@@ -25,6 +24,7 @@ from .errors import UserError
 from .models import image_shape, size_factor
 from .models.autoencoder import AutoencoderKL
 from .models.pretrained import DiffusersAutoencoder, fingerprint
+from .progress import tqdm
 
 log = logging.getLogger(__name__)
 

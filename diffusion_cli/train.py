@@ -16,7 +16,6 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from torch.nn.parallel import DistributedDataParallel
-from .progress import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import checkpoint, plots, runtime, spaces
@@ -28,6 +27,7 @@ from .ema import EMA
 from .evaluate import due, evaluation_due
 from .lr_schedule import learning_rate, rewarm_after_resume
 from .models import image_shape
+from .progress import tqdm
 from .runtime import compiled, convolutional, resolve_device, use_fast_math
 from .spaces import Space, Training
 from .stopping import GracefulStop, check_nonfinite, cut_short, stopped

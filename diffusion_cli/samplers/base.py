@@ -17,9 +17,9 @@ from functools import cached_property
 from typing import Callable, ClassVar, NamedTuple
 
 import torch
-from ..progress import tqdm
 
 from ..objectives import X0, Objective, objective
+from ..progress import tqdm
 from ..schedule import NoiseSchedule
 from ..schema import check
 
