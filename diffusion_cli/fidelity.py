@@ -121,10 +121,10 @@ def as_uint8(images: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def features(model, layer: str, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
     """The extractor's features (N, D) of uint8 images, a batch at a time (with a progress bar)."""
-    found = []
+    found, dataset = [], Images(images)
     for start in tqdm(range(0, len(images), batch_size), desc="features", unit="batch",
                       disable=len(images) <= batch_size):
-        batch = torch.stack([Images(images)[i] for i in range(start, min(start + batch_size, len(images)))])
+        batch = torch.stack([dataset[i] for i in range(start, min(start + batch_size, len(images)))])
         found.append(model.convert_features_tuple_to_dict(model(batch.to(device)))[layer].cpu())
     return torch.cat(found)
 
