@@ -35,18 +35,19 @@ def read_images(spec: str, size: int | None, limit: int | None, cfg: DictConfig)
         from hydra import compose  # the data group as diffusion-train composes it (its root, its shape)
         data = compose(config_name="train", overrides=[f"data={spec}"]).data
         train, _ = load_data(data)
-        images = train.images[:limit] if limit else train.images
-        identity = {"data": OmegaConf.to_container(data, resolve=True), "count": len(images)}
-        return as_uint8(images), f"data={spec} (its first {len(images):,} training images)", identity
+        rows = chosen(len(train.images), limit, cfg.seed)
+        identity = {"data": OmegaConf.to_container(data, resolve=True), "rows": [len(rows), cfg.seed]}
+        return as_uint8(train.images[rows]), f"data={spec} ({len(rows):,} of its training images)", identity
     path = Path(spec).expanduser()
     if not path.exists():
         raise UserError(f"{spec} is neither a folder, a run dir nor a built-in data set ({', '.join(BUILT_IN)})")
     if (path / "samples.pt").is_file() and not (path / "images").is_dir():
-        images = torch.load(path / "samples.pt", weights_only=True)[:limit]
+        images = torch.load(path / "samples.pt", weights_only=True)
+        images = images[chosen(len(images), limit, cfg.seed)]
         return as_uint8(images), f"{path / 'samples.pt'}", {"file": str(path.resolve()), **stat_of(path / "samples.pt")}
     folder = path / "images" if (path / "images").is_dir() else path
     _, files, _ = scan(OmegaConf.create({"path": str(folder), "labels": "none"}))
-    files = files[:limit] if limit else files
+    files = [files[i] for i in chosen(len(files), limit, cfg.seed)]
     if size is None:  # samples: at their own size
         from PIL import Image
         with Image.open(files[0]) as first:
@@ -57,6 +58,14 @@ def read_images(spec: str, size: int | None, limit: int | None, cfg: DictConfig)
         raise UserError(f"{spec}: none of its {len(files)} image files could be decoded")
     key = {"folder": str(folder.resolve()), "size": size, "files": [[str(f), *stat_of(f).values()] for f in files]}
     return torch.stack(kept), f"{folder} ({len(kept)} images)", key
+
+
+def chosen(count: int, limit: int | None, seed: int) -> torch.Tensor:
+    """Which of `count` images to read: all, or `limit` of them drawn with `seed` (in order): a set's
+    first images can be one kind of its images (MNIST's are grouped by writer)."""
+    if not limit or limit >= count:
+        return torch.arange(count)
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
 
 
 def stat_of(path: Path) -> dict:
