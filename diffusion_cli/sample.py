@@ -117,6 +117,8 @@ def drawn_before(run_dir: Path, cfg: DictConfig, count: int) -> dict[int, torch.
         raise UserError(f"hydra.run.dir={run_dir} holds the unfinished images of another diffusion-sample "
                         f"command ({folder / 'request.json'}): run that command again to finish them, choose "
                         f"another hydra.run.dir, or add overwrite=true to replace them")
+    for stale in [*folder.glob(".*.tmp"), *(run_dir / "images").glob(".*.tmp")]:  # files a kill cut short
+        stale.unlink()
     drawn = {int(path.stem): torch.load(path, weights_only=True) for path in folder.glob("[0-9]*.pt")}
     log.info(f"going on from {sum(map(len, drawn.values()))} of {count} images drawn before into {run_dir}")
     return drawn
