@@ -265,12 +265,6 @@ def metric_records(path: Path) -> list[dict]:
     return records
 
 
-def logged(run_dir: Path, step: int) -> bool:
-    """Whether metrics.jsonl has the line of `step` (a step with evaluation due has it once its
-    evaluation is complete)."""
-    return any(record["step"] == step for record in metric_records(run_dir / "metrics.jsonl"))
-
-
 def continue_metrics(source: Path, target: Path, step: int) -> None:
     """Write to `target` the lines of `source` (the resumed run's metrics.jsonl; the same file when
     it continues in place) up to `step`, dropping later ones and a line cut off by a kill: the

@@ -195,13 +195,15 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     metrics_file = open(run_dir / "metrics.jsonl", "a") if main_rank else nullcontext()
     trackers = Trackers(cfg, run_dir, start_step) if main_rank else nullcontext()
     result, skipped_logged = {}, 0
-    for record in checkpoint.metric_records(run_dir / "metrics.jsonl") if state is not None else []:
+    earlier = checkpoint.metric_records(run_dir / "metrics.jsonl") if state is not None else []
+    for record in earlier:
         final_values(record, result)  # a resumed run's final metrics start from its earlier ones
     logged_step, interval_start = start_step, time.perf_counter()
     progress = tqdm(total=tc.max_steps, initial=start_step, desc="training", unit="step",
                     dynamic_ncols=True, disable=not main_rank)
     with logging_redirect_tqdm(), metrics_file, trackers, progress, GracefulStop() as stop:
-        if state is not None and main_rank and not checkpoint.logged(run_dir, start_step):
+        # The checkpoint's step without its metrics line: a signal cut its evaluation short.
+        if state is not None and main_rank and all(record["step"] != start_step for record in earlier):
             evaluate_step(task, dict(state.get("record", {})), start_step, sampling_model, run_dir, stop,
                           metrics_file, result, trackers)
         for step in range(start_step + 1, tc.max_steps + 1):
