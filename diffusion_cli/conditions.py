@@ -22,7 +22,8 @@ from .atomic import atomic_write
 from .data import DATASETS, Split, class_names
 from .data.captions import CaptionTable
 from .errors import UserError
-from .models import TEXT_MODELS
+from .metrics import clip_score
+from .models import TEXT_MODELS, pretrained
 from .models.text_encoder import build_text_encoder, padded, tokenize
 from .prompts import grid_prompts, prompt_classes, read_prompts
 
@@ -42,6 +43,16 @@ class Drawn(NamedTuple):
 
 class Unconditional:
     labelled, null, drop_prob, prompts = False, None, 0.0, None
+    eval_hint = ""  # what eval=true could measure with more (none: there is nothing more)
+
+    def aligns(self, prompts: list[str] | None = None) -> bool:
+        """Whether samples are scored on how well they follow their condition (prompts: None, the
+        grid's): only prompts are, by CLIP."""
+        return False
+
+    def alignment(self, images: torch.Tensor, prompts: list[str] | None) -> dict:
+        """How well images in [0, 1] follow their conditions: {} where nothing measures it."""
+        return {}
 
     def describe(self, prompts: list[str] | None) -> str:
         """What a diffusion-sample log line adds about the prompts drawn."""
@@ -135,6 +146,17 @@ class Captions(Unconditional):
     def tokens(self, prompts: list[str], what: str = "captions") -> torch.Tensor:
         return tokenize(self.text.encoder, prompts, what)
 
+    eval_hint = "; CLIP score needs prompt=\"...\" and a whole CLIP model as the text encoder"
+
+    def aligns(self, prompts: list[str] | None = None) -> bool:
+        """With prompts and a text encoder that is a whole CLIP model (its image tower too)."""
+        path = getattr(self.text.encoder, "path", None)  # CLIP's; the tiny encoder has none
+        return bool(prompts or self.prompts) and path is not None and pretrained.is_full_clip(path)
+
+    def alignment(self, images: torch.Tensor, prompts: list[str] | None) -> dict:
+        """CLIP score of each image against its prompt."""
+        return {"clip_score": clip_score(images, prompts, self.text.encoder.path)} if prompts and self.aligns(prompts) else {}
+
     def batch(self, labels, generator: torch.Generator):
         return self.table.draw(labels, generator)
 
@@ -155,7 +177,8 @@ class Captions(Unconditional):
         which = torch.arange(n).repeat_interleave(per_row) if grid else torch.arange(count) % n
         classes = prompt_classes(prompts, self.data_cfg)
         shows = None if classes is None else classes[which]
-        return Drawn(self.tokens(prompts, "prompts")[which], shows, per_row, list(prompts))
+        return Drawn(self.tokens(prompts, "prompts")[which], shows, per_row, list(prompts),
+                     prompts=[prompts[i] for i in which])
 
     def rows(self, count: int) -> Drawn:
         return self.drawn(self.prompts, count, grid=True) if self.prompts else Drawn()
@@ -196,8 +219,7 @@ class Captions(Unconditional):
         negative = None
         if cfg.negative_prompt is not None:
             negative = self.tokens([cfg.negative_prompt], "negative prompts").expand(count, -1)
-        each = [prompts[i // (count // len(prompts))] for i in range(count)]
-        return drawn._replace(negative=negative, prompts=each)
+        return drawn._replace(negative=negative)
 
 
 def condition_of(model: nn.Module, data_cfg=None, captions: list[list[str]] | None = None, device="cpu",

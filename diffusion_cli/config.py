@@ -19,8 +19,8 @@ from . import checkpoint, conditions, spaces, tasks
 from .autoencoder import AutoencoderConfig, DiffusersAutoencoderConfig
 from .data import DataConfig
 from .errors import UserError
-from .fidelity import EXTRACTORS
-from .metrics import quality_keys
+from .fidelity import EXTRACTORS, training_extractor
+from .metrics import FIDELITY_KEYS, quality_keys
 from .models import MODEL_SCHEMAS
 from .objectives import ObjectiveConfig
 from .models.text_encoder import ClipTextEncoderConfig, TextEncoderConfig
@@ -56,6 +56,8 @@ class TrainerConfig:
     num_grid_images: int = positive(resumable=True)
     quality_every: int = non_negative("an integer >= 0 (0: only at the end)", resumable=True)
     num_quality_images: int = non_negative("an integer >= 0 (0: no quality metrics)", resumable=True)
+    quality_extractor: str = one_of(("auto", "none", *EXTRACTORS), resumable=True)
+    quality_weights: Optional[str] = plain(resumable=True)
     max_nonfinite_skips: int = non_negative(resumable=True)
     grad_clip: float = non_negative("a number >= 0 (0: no clipping)")
     grad_accum: int = positive()
@@ -263,6 +265,8 @@ def check_schedule(schedule: DictConfig) -> None:
 def check_objective(cfg: DictConfig) -> None:
     """sweep.objective must be a final metric this run reports."""
     available = ["loss", "eval_loss"] + list(quality_keys(cfg.data) if cfg.trainer.num_quality_images else [])
+    if training_extractor(cfg.trainer, cfg.data):
+        available += FIDELITY_KEYS
     if not cfg.model.num_classes and "label_accuracy" in available:
         available.remove("label_accuracy")
     if cfg.sweep.objective not in available:

@@ -34,6 +34,7 @@ class Evaluator:
         self.noise = torch.randn(self.images.shape, generator=generator)
         self.schedule = schedule
         self.batch_size = batch_size
+        self.fidelity = None  # fidelity.Fidelity: FID/KID of the quality images, where the task sets one
 
     @torch.inference_mode()
     def loss(self, model) -> tuple[float, list[float]]:
@@ -94,15 +95,23 @@ def write_grids(model, schedule, cfg, step: int, run_dir, eval_data: Split, eval
 
 
 def quality(model, schedule: NoiseSchedule, cfg: DictConfig, evaluator: Evaluator) -> dict:
-    """The data's quality metrics on trainer.num_quality_images samples drawn with QUALITY_SAMPLER
-    from a fixed seed (the classes or prompts in turn for a conditional model, no guidance)."""
+    """The data's quality metrics (and FID/KID with the evaluator's fidelity; CLIP score for prompts)
+    on trainer.num_quality_images samples drawn with QUALITY_SAMPLER from a fixed seed (the classes
+    or prompts in turn for a conditional model, no guidance)."""
     count = cfg.trainer.num_quality_images
-    conditions, classes = evaluator.condition.each(count)[:2]
+    conditions, classes, *_, prompts = evaluator.condition.each(count)
     sampler = OmegaConf.merge(QUALITY_SAMPLER, {"steps": min(QUALITY_SAMPLER.steps, schedule.T)})
     images = sample_images(model, schedule, sampler, (count, *evaluator.space.shape),
                            batch_size=cfg.trainer.batch_size, seed=cfg.trainer.seed, labels=conditions,
                            space=evaluator.space)
-    return sample_quality(images, cfg.data, classes)
+    result = {**sample_quality(images, cfg.data, classes), **evaluator.condition.alignment(images, prompts)}
+    return {**result, **evaluator.fidelity(images)} if evaluator.fidelity else result
+
+
+def measured(cfg: DictConfig, evaluator: Evaluator) -> bool:
+    """Whether the run measures sample quality: an in-project metric, FID/KID or CLIP score."""
+    return bool(cfg.trainer.num_quality_images) and bool(
+        quality_metric(cfg.data) or evaluator.fidelity or evaluator.condition.aligns())
 
 
 def due(step: int, every: int, last_step: int) -> bool:
@@ -126,6 +135,6 @@ def evaluate(record: dict, step: int, model, schedule: NoiseSchedule, evaluator:
             record["eval_loss"], record["eval_loss_by_t"] = evaluator.loss(model)
         if due(step, tc.sample_every, tc.max_steps):
             grids = write_grids(model, schedule, cfg, step, run_dir, eval_data, evaluator)
-        if tc.num_quality_images and quality_metric(cfg.data) and due(step, tc.quality_every, tc.max_steps):
+        if measured(cfg, evaluator) and due(step, tc.quality_every, tc.max_steps):
             record.update(quality(model, schedule, cfg, evaluator))
     return grids

@@ -4,16 +4,20 @@ Fréchet distance Stein et al. 2023 recommend) or the project's MNIST classifier
 them, and its math. diffusion-eval (score.py) is the command around it."""
 
 import contextlib
+import importlib.resources
+import importlib.util
 import io
 import logging
 import warnings
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from .data.rows import RowFile
 from .errors import UserError
-from .models.pretrained import require
+from .metrics import quality_metric
+from .models.pretrained import fingerprint, require
 from .progress import tqdm
 
 log = logging.getLogger(__name__)
@@ -29,26 +33,26 @@ EXTRACTORS = {
 FID_BIASED_BELOW = 2000  # FID's estimate is biased upward at small N (Binkowski et al. 2018): KID is not
 
 
-def extractor(cfg: DictConfig, device: torch.device):
+def extractor(cfg: DictConfig, device: torch.device, key: str = "weights"):
     """The feature extractor of extractor= on `device`, loaded before any image is read: weights
-    that can't be had are one line naming the file and where it goes."""
+    that can't be had are one line naming the file and where it goes (and the `key` that gives it)."""
     fidelity = require("torch_fidelity", "eval", "diffusion-eval")
     register_mnist(fidelity)
     name, layer, _ = EXTRACTORS[cfg.extractor]
     if cfg.extractor == "inception" and cfg.weights is None:
         cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
         hint = (f"extractor=inception needs {INCEPTION_FILE}: download it from {INCEPTION_URL} and give "
-                f"weights=PATH, or put it in {cached.parent}")
+                f"{key}=PATH, or put it in {cached.parent}")
     elif cfg.extractor == "dinov2":
         if cfg.weights is not None:
-            raise UserError("extractor=dinov2 loads from torch.hub's cache only (torch-fidelity 0.4 takes no "
-                            "weights file for it): leave weights out")
+            raise UserError(f"extractor=dinov2 loads from torch.hub's cache only (torch-fidelity 0.4 takes no "
+                            f"weights file for it): leave {key} out")
         hint = (f"extractor=dinov2 needs facebookresearch/dinov2 in torch.hub's cache ({torch.hub.get_dir()}): "
                 f"run once with internet access, or copy that folder from a machine that has it")
     else:
-        hint = f"weights={cfg.weights} could not be loaded as {name}'s weights"
+        hint = f"{key}={cfg.weights} could not be loaded as {name}'s weights"
     if cfg.weights is not None and not Path(cfg.weights).is_file():
-        raise UserError(f"weights={cfg.weights} is not a file: {hint}")
+        raise UserError(f"{key}={cfg.weights} is not a file: {hint}")
     try:
         with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):  # its download's notes
             warnings.simplefilter("ignore")
@@ -144,3 +148,56 @@ def metrics(generated: torch.Tensor, real: torch.Tensor, cfg: DictConfig) -> dic
     return {"fid": fid["frechet_inception_distance"], "kid_mean": kid["kernel_inception_distance_mean"],
             "kid_std": kid["kernel_inception_distance_std"], "precision": prc["precision"],
             "recall": prc["recall"], "kid_subset_size": subset}
+
+
+def chosen(count: int, limit: int | None, seed: int) -> torch.Tensor:
+    """Which of `count` images to read: all, or `limit` of them drawn with `seed` (in order): a set's
+    first images can be one kind of its images (MNIST's are grouped by writer)."""
+    if not limit or limit >= count:
+        return torch.arange(count)
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+
+
+def training_extractor(tc: DictConfig, data_cfg: DictConfig) -> str | None:
+    """The extractor of training's FID/KID (None: none): trainer.quality_extractor, where `auto` is
+    inception on data without an in-project metric (folders) when the eval extra and Inception's
+    weights (trainer.quality_weights, or torch.hub's cache) are here."""
+    if not tc.num_quality_images or tc.quality_extractor == "none":
+        return None
+    if tc.quality_extractor != "auto":
+        return tc.quality_extractor
+    weights = tc.quality_weights or Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    found = importlib.util.find_spec("torch_fidelity") is not None and Path(weights).is_file()
+    return "inception" if quality_metric(data_cfg) is None and found else None
+
+
+def without_fidelity(data_cfg: DictConfig) -> str:
+    """Why a run on data without an in-project metric measures no sample quality, and what would."""
+    return (f"quality: data={data_cfg.kind} has no in-project metric, and FID/KID during training need "
+            f"pip install 'diffusion-cli[eval]' and {INCEPTION_FILE} (trainer.quality_weights=PATH, or "
+            f"torch.hub's cache): none this run (diffusion-eval measures samples afterwards)")
+
+
+class Fidelity:
+    """Training's FID, KID and precision/recall: diffusion-eval's extractor and math, on the quality
+    images against as many training images (drawn with the run's seed; their features computed once).
+    N is small (trainer.num_quality_images): FID is biased upward there, so compare runs at one N."""
+
+    def __init__(self, name: str, weights: str | None, train_images, count: int, seed: int, device: torch.device):
+        settings = OmegaConf.create(importlib.resources.files("diffusion_cli.conf").joinpath("eval.yaml").read_text())
+        self.cfg = OmegaConf.create({key: settings[key] for key in
+                                     ("batch_size", "kid_subsets", "kid_subset_size", "prc_neighborhood")})
+        self.cfg.update(extractor=name, weights=weights, seed=seed)
+        self.model, self.layer = extractor(self.cfg, device, "trainer.quality_weights")
+        self.device = device
+        rows = chosen(len(train_images), count, seed)
+        real = train_images.subset(rows).read_all() if isinstance(train_images, RowFile) else train_images[rows]
+        self.real = features(self.model, self.layer, as_uint8(real), self.cfg.batch_size, device)
+        self.label = f"{name} features (weights {fingerprint(self.model)}) vs {len(rows):,} training images"
+
+    def __call__(self, images: torch.Tensor) -> dict:
+        """The metrics of samples in [0, 1] (FIDELITY_KEYS)."""
+        generated = features(self.model, self.layer, as_uint8(images), self.cfg.batch_size, self.device)
+        result = metrics(generated, self.real, self.cfg)
+        del result["kid_subset_size"]
+        return result

@@ -3,6 +3,7 @@
 import torch
 
 from .classifier import load_classifier
+from .models import pretrained
 from .data import DATASETS, gradient_grid
 
 # A sample counts as a valid gradient when its residual RMS (in [0, 1] units) is below VALID_RMS
@@ -105,11 +106,36 @@ def mnist_quality(images: torch.Tensor, classifier, reference: dict,
     return result
 
 
+def clip_score(images: torch.Tensor, prompts: list[str], path: str) -> float:
+    """CLIP score (Hessel et al. 2021, as torchmetrics has it): the mean over images of
+    100 * max(0, cos(image embedding, its prompt's embedding)), by the whole CLIP model at `path`."""
+    return (100 * clip_cosines(images, prompts, path).clamp(min=0)).mean().item()
+
+
+@torch.no_grad()
+def clip_cosines(images: torch.Tensor, prompts: list[str], path: str) -> torch.Tensor:
+    """Each image's cosine with its prompt in CLIP's embedding space; images in [0, 1] are resized
+    by the shorter side (bicubic) to CLIP's input size and center-cropped, as CLIP's processor does."""
+    model, tokenizer, mean, std = pretrained.clip_pair(path)
+    size = model.config.vision_config.image_size
+    pixels = torch.nn.functional.interpolate(images.float().cpu().expand(-1, 3, -1, -1), scale_factor=size / min(
+        images.shape[-2:]), mode="bicubic", antialias=True).clamp(0, 1)
+    top, left = (pixels.shape[-2] - size) // 2, (pixels.shape[-1] - size) // 2
+    pixels = (pixels[..., top:top + size, left:left + size] - mean[:, None, None]) / std[:, None, None]
+    cosines = []
+    for start in range(0, len(images), 64):
+        text = tokenizer(prompts[start:start + 64], padding=True, truncation=True, return_tensors="pt")
+        out = model(pixel_values=pixels[start:start + 64], **text)  # both embeddings, unit length
+        cosines.append((out.image_embeds * out.text_embeds).sum(1))
+    return torch.cat(cosines)
+
+
 # The metrics each quality metric returns, in the order logs show them (label_accuracy: for a
-# class-conditional model).
+# class-conditional model); FID/KID (fidelity.py) and CLIP score (for prompts) where a run has them.
 GRADIENT_KEYS = ("rms", "valid_frac", "clipped_frac", "color_std", "color_ks")
 CLASSIFIER_KEYS = ("classifier_fd", "confident_frac", "class_entropy", "label_accuracy")
-QUALITY_KEYS = GRADIENT_KEYS + CLASSIFIER_KEYS
+FIDELITY_KEYS = ("fid", "kid_mean", "kid_std", "precision", "recall")
+QUALITY_KEYS = GRADIENT_KEYS + CLASSIFIER_KEYS + FIDELITY_KEYS + ("clip_score",)
 
 
 def classifier_quality(images: torch.Tensor, data_cfg, labels: torch.Tensor | None = None) -> dict:

@@ -17,11 +17,12 @@ def seconds_between_lines() -> float:
 
 class LogLines(terminal_bar):
     """A tqdm bar that writes whole lines: at its start, at most every `seconds_between_lines()`,
-    and at its end (a bar that is not left, leave=False, writes no end line)."""
+    and at its end. A bar that is not left (leave=False: one inside another, such as each batch's
+    sampling steps) writes neither its start nor its end line, only its lines in between."""
 
     def __init__(self, *args, **kwargs):
         interval = seconds_between_lines()
-        self.printed = -float("inf")
+        self.printed = -float("inf") if kwargs.get("leave", True) else time.monotonic()
         super().__init__(*args, **{**kwargs, "mininterval": interval, "maxinterval": max(interval, 10),
                                    "dynamic_ncols": False, "bar_format": LINE_FORMAT})
 

@@ -36,13 +36,14 @@ def sample_from_checkpoint(cfg: DictConfig, run_dir: Path) -> dict:
     model, schedule, train_cfg = checkpoint.load(cfg.ckpt, device, use_ema=cfg.use_ema, state=state)
     space = checkpoint_space(state, device)
     check_sampler_steps(cfg.sampler, schedule.T)
-    if cfg.eval and not quality_metric(train_cfg.data):
-        raise UserError(f"eval=true: data={train_cfg.data.kind} has no quality metric in this project; "
-                        f"use save_images=true and diffusion-eval samples=THIS_RUN reference=YOUR_FOLDER "
-                        f"(FID, KID, precision/recall)")
     shape = space.shape
     condition = condition_of(model, train_cfg.data)
     labels, shown_classes, nrow, titles, negative, prompts = condition.requested(cfg)
+    measured = quality_metric(train_cfg.data) or condition.aligns(prompts)
+    if cfg.eval and not measured:
+        raise UserError(f"eval=true: data={train_cfg.data.kind} has no quality metric in this project; "
+                        f"use save_images=true and diffusion-eval samples=THIS_RUN reference=YOUR_FOLDER "
+                        f"(FID, KID, precision/recall){condition.eval_hint}")
     count = len(labels) if labels is not None else cfg.num_samples
     steps = cfg.sampler.steps or schedule.T
     batch = min(count, cfg.batch_size)
@@ -87,7 +88,7 @@ def sample_from_checkpoint(cfg: DictConfig, run_dir: Path) -> dict:
         log.info(f"wrote {count} PNG files to {run_dir / 'images'}{also}")
     metrics = {}
     if cfg.eval or train_cfg.data.kind == "gradients":
-        metrics = sample_quality(images, train_cfg.data, shown_classes)
+        metrics = {**sample_quality(images, train_cfg.data, shown_classes), **condition.alignment(images, prompts)}
         by_class = metrics.pop("label_accuracy_by_class", {})
         log.info("quality: " + ", ".join(f"{key} {value:.4f}" for key, value in metrics.items()))
         if len(by_class) > 1:

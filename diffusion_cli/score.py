@@ -17,7 +17,7 @@ from .data import load_data
 from .data.folder import decode, scan
 from .data.rows import cache_dir
 from .errors import UserError
-from .fidelity import EXTRACTORS, FID_BIASED_BELOW, as_uint8, extractor, features, metrics
+from .fidelity import EXTRACTORS, FID_BIASED_BELOW, as_uint8, chosen, extractor, features, metrics
 from .models.pretrained import fingerprint
 from .runtime import resolve_device
 
@@ -58,14 +58,6 @@ def read_images(spec: str, size: int | None, limit: int | None, cfg: DictConfig)
         raise UserError(f"{spec}: none of its {len(files)} image files could be decoded")
     key = {"folder": str(folder.resolve()), "size": size, "files": [[str(f), *stat_of(f).values()] for f in files]}
     return torch.stack(kept), f"{folder} ({len(kept)} images)", key
-
-
-def chosen(count: int, limit: int | None, seed: int) -> torch.Tensor:
-    """Which of `count` images to read: all, or `limit` of them drawn with `seed` (in order): a set's
-    first images can be one kind of its images (MNIST's are grouped by writer)."""
-    if not limit or limit >= count:
-        return torch.arange(count)
-    return torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
 
 
 def stat_of(path: Path) -> dict:

@@ -9,13 +9,13 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from . import plots, runtime
+from . import fidelity, plots, runtime
 from .autoencoder import (ReconstructionEvaluator, autoencoder_loss, build_autoencoder, first_images,
                           latent_statistics, psnr_line)
 from .conditions import condition_of, text_config
 from .data import Split
 from .errors import UserError
-from .evaluate import QUALITY_SAMPLER, Evaluator, due, evaluate
+from .evaluate import QUALITY_SAMPLER, Evaluator, due, evaluate, measured
 from .metrics import QUALITY_KEYS
 from .models import build_model, pretrained
 from .objectives import objective
@@ -56,6 +56,14 @@ class DenoiserTask:
         self.eval_data = eval_data = self.condition.held_out(eval_data)
         self.evaluator = Evaluator(eval_data.head(tc.num_eval_images), self.schedule, tc.batch_size, tc.seed,
                                    self.condition, self.space)
+        name = fidelity.training_extractor(tc, self.cfg.data)
+        if name and runtime.is_main():
+            self.evaluator.fidelity = fidelity.Fidelity(name, tc.quality_weights, train_data.images,
+                                                        tc.num_quality_images, tc.seed, self.device)
+            log.info(f"quality: FID, KID and precision/recall of {tc.num_quality_images} samples by "
+                     f"{self.evaluator.fidelity.label} (small N: FID is biased upward, compare runs at one N)")
+        elif tc.num_quality_images and tc.quality_extractor == "auto" and not measured(self.cfg, self.evaluator):
+            log.info(fidelity.without_fidelity(self.cfg.data))
 
     def prepare_checkpoint(self, model) -> None:
         """Nothing to measure: a denoiser's checkpoint is its training state."""
@@ -79,7 +87,9 @@ class DenoiserTask:
                  f"{result['eval_loss']:.4f}, {result['wall_s']:.0f} s)")
         quality_line = ", ".join(f"{key} {result[key]:.4f}" for key in QUALITY_KEYS if key in result)
         if quality_line:
-            log.info(f"quality ({tc.num_quality_images} images, DDIM {QUALITY_SAMPLER.steps} steps): {quality_line}")
+            against = f"; FID/KID: {self.evaluator.fidelity.label}" if self.evaluator.fidelity else ""
+            log.info(f"quality ({tc.num_quality_images} images, DDIM {QUALITY_SAMPLER.steps} steps{against}): "
+                     f"{quality_line}")
 
 
 class AutoencoderTask:

@@ -230,6 +230,9 @@ BAD_DATA_INPUT = [
     ("diffusion-sample", ["ckpt=TRAINED", "device=mps"], "it has: cpu"),
     ("diffusion-sample", ["ckpt=TRAINED", "text_encoder.path=clip"], "reads no pretrained text encoder"),
     ("diffusion-sample", ["ckpt=TRAINED", "autoencoder.path=vae"], "has no pretrained autoencoder"),
+    ("diffusion-train", ["trainer.quality_extractor=vgg"], "trainer.quality_extractor"),
+    ("diffusion-train", ["trainer.quality_extractor=inception", "trainer.quality_weights=missing.pth"],
+     "trainer.quality_weights=missing.pth is not a file"),                 # before the first step
 ]
 # Trackers, presets and the sweep objective: config checks as above, in-process only.
 BAD_TRACKING_INPUT = [

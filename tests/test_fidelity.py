@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import run_in_process
+from conftest import TINY_TRAIN, data_config, run_in_process
 from diffusion_cli import fidelity, score
 from diffusion_cli.data import make_gradients
 from diffusion_cli.images import save_each
@@ -111,3 +111,52 @@ def test_a_missing_extra_is_one_line_naming_it(folders, tmp_path, monkeypatch):
     result = run_in_process("diffusion-eval", f"samples={folders['first']}", f"reference={folders['second']}",
                             f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode == 2 and "pip install 'diffusion-cli[eval]'" in result.stderr
+
+
+FOLDER_RUN = [*TINY_TRAIN, "data=folder", "data.height=16", "data.width=16", "data.num_workers=0",
+              "trainer.num_quality_images=32"]
+
+
+def test_training_logs_fid_and_kid_on_folder_data_stating_n(folders, tmp_path):
+    run = tmp_path / "run"
+    result = run_in_process("diffusion-train", *FOLDER_RUN, f"data.path={folders['first']}",
+                            "trainer.quality_extractor=mnist", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    final = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert final["fid"] > 0 and final["kid_mean"] != 0 and 0 <= final["precision"] <= 1
+    assert "of 32 samples by mnist features" in result.stdout and "vs 32 training images" in result.stdout
+    assert "FID/KID: mnist features" in result.stdout  # the last line says what they compare
+
+
+def test_training_s_fidelity_of_its_own_reference_images_is_perfect(folders):
+    images = score.read_images(str(folders["first"]), 16, None, OmegaConf.create({"seed": 0}))[0]
+    check = fidelity.Fidelity("mnist", None, images, count=50, seed=0, device=torch.device("cpu"))
+    same = check(images[fidelity.chosen(len(images), 50, 0)].float() / 255)
+    assert abs(same["fid"]) < 1e-3 and same["precision"] == same["recall"] == 1.0
+    assert check(images[:50].float() / 255 * 0.5)["fid"] > 1
+
+
+def test_auto_measures_folders_with_inception_only_where_its_weights_are(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    tc = OmegaConf.create({"num_quality_images": 256, "quality_extractor": "auto", "quality_weights": None})
+    folder, mnist = data_config("folder"), data_config("mnist")
+    assert fidelity.training_extractor(tc, folder) is None
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "hub" / "checkpoints" / fidelity.INCEPTION_FILE).touch()
+    assert fidelity.training_extractor(tc, folder) == "inception"
+    assert fidelity.training_extractor(tc, mnist) is None  # it has its own metrics
+    assert fidelity.training_extractor(OmegaConf.merge(tc, {"quality_extractor": "mnist"}), mnist) == "mnist"
+    assert fidelity.training_extractor(OmegaConf.merge(tc, {"num_quality_images": 0}), folder) is None
+
+
+def test_training_without_fidelity_says_why_and_missing_weights_stop_it_before_training(folders, tmp_path):
+    said = run_in_process("diffusion-train", *FOLDER_RUN, f"data.path={folders['first']}", "trainer.max_steps=1",
+                          f"hydra.run.dir={tmp_path / 'plain'}", cwd=tmp_path)
+    assert said.returncode == 0 and "FID/KID during training need" in said.stdout
+    assert "fid" not in (tmp_path / "plain" / "metrics.jsonl").read_text()
+    run = tmp_path / "run"
+    result = run_in_process("diffusion-train", *FOLDER_RUN, f"data.path={folders['first']}",
+                            "trainer.quality_extractor=inception", "trainer.quality_weights=missing.pth",
+                            f"hydra.run.dir={run}", cwd=tmp_path)
+    assert result.returncode == 2 and "trainer.quality_weights=missing.pth is not a file" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (run / "checkpoints").exists()

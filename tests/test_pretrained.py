@@ -23,9 +23,10 @@ MODEL = dict(kind="resunet", base_channels=8, channel_mults=[1, 2], num_res_bloc
              cross_attention_resolutions=None)
 
 
-def save_tiny_clip(path, seed: int = 0):
+def save_tiny_clip(path, seed: int = 0, full: bool = False):
     """A CLIP tokenizer (lower-case letters, digits and punctuation, no merges) and a random
-    2-layer text model of width 32, saved as `save_pretrained` saves a downloaded one."""
+    2-layer text model of width 32, saved as `save_pretrained` saves a downloaded one; `full`: a
+    whole CLIP model (with a 2-layer image tower on 16x16 images), as openai/clip-* are."""
     units = string.ascii_lowercase + string.digits + string.punctuation
     vocab = {unit + end: i for i, (end, unit) in enumerate((end, unit) for end in ("", "</w>") for unit in units)}
     vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
@@ -38,9 +39,16 @@ def save_tiny_clip(path, seed: int = 0):
         vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=32, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
         pad_token_id=vocab["<|endoftext|>"])
-    transformers.CLIPTextModel(config).save_pretrained(str(path))
+    if full:
+        vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                               num_attention_heads=4, image_size=16, patch_size=4)
+        transformers.CLIPModel(transformers.CLIPConfig(text_config=config.to_dict(), vision_config=vision.to_dict(),
+                                                       projection_dim=16)).save_pretrained(str(path))
+    else:
+        transformers.CLIPTextModel(config).save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
-    pretrained.clip.cache_clear()  # a new model at a path this process may have loaded before
+    for loaded in (pretrained.clip, pretrained.is_full_clip, pretrained.clip_pair):
+        loaded.cache_clear()  # a new model at a path this process may have loaded before
     return path
 
 
@@ -276,3 +284,54 @@ def test_lpips_weights_that_cannot_be_downloaded_are_one_line(monkeypatch, tmp_p
                             "data=gradients", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode == 2 and "could not load LPIPS's VGG-16 weights" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_clip_score_is_clips_own_cosine_of_each_image_and_its_prompt(tmp_path):
+    """Ours equals transformers' CLIPImageProcessor and CLIPModel forward on the same images."""
+    from diffusion_cli.metrics import clip_cosines, clip_score
+
+    clip = save_tiny_clip(tmp_path / "clip", full=True)
+    images = torch.rand(6, 3, 24, 20, generator=torch.Generator().manual_seed(0))
+    prompts = ["a red square", "a blue square", "a cat"] * 2
+    model = transformers.CLIPModel.from_pretrained(str(clip)).eval()
+    processor = transformers.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    pixels = processor(list(images), do_rescale=False, return_tensors="pt")["pixel_values"]
+    tokens = transformers.AutoTokenizer.from_pretrained(str(clip))(prompts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model(pixel_values=pixels, **tokens)
+    theirs = (out.image_embeds * out.text_embeds).sum(1)
+    ours = clip_cosines(images, prompts, str(clip))
+    assert torch.allclose(ours, theirs, atol=0.01)  # PIL's bicubic resize against torch's
+    assert not torch.allclose(clip_cosines(images, prompts[::-1], str(clip)), theirs, atol=0.01)
+    assert clip_score(images, prompts, str(clip)) == pytest.approx(100 * ours.clamp(min=0).mean().item())
+
+
+def test_prompt_runs_get_a_clip_score_where_their_clip_is_whole(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "shapes"
+    root.mkdir()
+    for i in range(8):
+        Image.new("RGB", (8, 8), (200, 30, 30) if i % 2 else (30, 30, 200)).save(root / f"{i}.png")
+        (root / f"{i}.txt").write_text("a red square" if i % 2 else "a blue square")
+    args = ["data=folder", f"data.path={root}", "data.captions=sidecar", "data.num_eval=2", "data.num_workers=0",
+            "text_encoder=clip", "text_encoder.max_length=32", "model=resunet", "model.base_channels=8",
+            "model.channel_mults=[1,2]", "schedule.T=10", "trainer.max_steps=2", "trainer.batch_size=4",
+            "trainer.num_grid_images=2", "trainer.num_quality_images=4", "trainer.device=cpu"]
+    sample = ["prompt=a red square", "num_samples=2", "sampler=ddim", "sampler.steps=2", "eval=true"]
+    for full in (True, False):
+        clip, run = save_tiny_clip(tmp_path / f"clip{full}", full=full), tmp_path / f"run{full}"
+        trained = run_in_process("diffusion-train", *args, f"text_encoder.path={clip}", f"hydra.run.dir={run}",
+                                 cwd=tmp_path)
+        assert trained.returncode == 0, trained.stderr
+        final = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+        sampled = run_in_process("diffusion-sample", f"ckpt={run}", *sample, f"hydra.run.dir={tmp_path / str(full)}",
+                                 cwd=tmp_path)
+        if full:
+            assert 0 <= final["clip_score"] <= 100 and "clip_score" in trained.stdout
+            assert sampled.returncode == 0, sampled.stderr
+            assert json.loads((tmp_path / "True" / "quality.json").read_text())["clip_score"] >= 0
+        else:  # CLIP's text model alone: nothing to score the images with
+            assert "clip_score" not in final
+            assert sampled.returncode == 2 and "CLIP score needs" in sampled.stderr
+            assert len(sampled.stderr.strip().splitlines()) == 1

@@ -292,6 +292,9 @@ def test_progress_in_a_log_is_plain_lines(monkeypatch):
     assert "\r" not in log.getvalue()
     assert [line.split(" [")[0] for line in log.getvalue().splitlines()] == ["training:   0% 0/1000",
                                                                             "training: 100% 1000/1000"]
+    for _ in tqdm(range(1000), desc="sampling", file=log, leave=False):  # inside another bar
+        pass
+    assert "sampling" not in log.getvalue()
     monkeypatch.setenv("DIFFUSION_CLI_PROGRESS_SECONDS", "0")
     log = io.StringIO()
     for _ in tqdm(range(3), desc="sampling", file=log, leave=False):

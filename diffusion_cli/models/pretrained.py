@@ -118,6 +118,24 @@ def clip(path: str) -> FrozenClip:
     return FrozenClip(path)
 
 
+@functools.cache
+def is_full_clip(path: str) -> bool:
+    """Whether `path` holds a whole CLIP model (its image tower too), not its text model alone."""
+    transformers = require("transformers", "clip", "text_encoder=clip")
+    config = from_pretrained(transformers.AutoConfig.from_pretrained, path, "text_encoder.path", "CLIP's config")
+    return config.model_type == "clip"
+
+
+@functools.cache
+def clip_pair(path: str):
+    """A whole CLIP model, frozen, its tokenizer and its image normalisation (mean, std): CLIP score's."""
+    transformers = require("transformers", "clip", "clip_score")
+    model = from_pretrained(transformers.CLIPModel.from_pretrained, path, "text_encoder.path", "a CLIP model")
+    tokenizer = from_pretrained(transformers.AutoTokenizer.from_pretrained, path, "text_encoder.path", "CLIP's tokenizer")
+    from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    return model.eval().requires_grad_(False), tokenizer, torch.tensor(OPENAI_CLIP_MEAN), torch.tensor(OPENAI_CLIP_STD)
+
+
 class DiffusersAutoencoder(nn.Module):
     """A pretrained diffusers AutoencoderKL, frozen, in the form of models.autoencoder's: encode()
     -> (posterior mean, log variance), decode(), `factor` and `latent_shape`."""
