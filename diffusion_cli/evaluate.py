@@ -100,12 +100,16 @@ def quality(model, schedule: NoiseSchedule, cfg: DictConfig, evaluator: Evaluato
     or prompts in turn for a conditional model, no guidance)."""
     count = cfg.trainer.num_quality_images
     conditions, classes, *_, prompts = evaluator.condition.each(count)
-    sampler = OmegaConf.merge(QUALITY_SAMPLER, {"steps": min(QUALITY_SAMPLER.steps, schedule.T)})
-    images = sample_images(model, schedule, sampler, (count, *evaluator.space.shape),
+    images = sample_images(model, schedule, quality_sampler(schedule.T), (count, *evaluator.space.shape),
                            batch_size=cfg.trainer.batch_size, seed=cfg.trainer.seed, labels=conditions,
                            space=evaluator.space)
     result = {**sample_quality(images, cfg.data, classes), **evaluator.condition.alignment(images, prompts)}
     return {**result, **evaluator.fidelity(images)} if evaluator.fidelity else result
+
+
+def quality_sampler(T: int) -> DictConfig:
+    """QUALITY_SAMPLER on a schedule of T steps (all of them where T is shorter)."""
+    return OmegaConf.merge(QUALITY_SAMPLER, {"steps": min(QUALITY_SAMPLER.steps, T)})
 
 
 def measured(cfg: DictConfig, evaluator: Evaluator) -> bool:

@@ -15,7 +15,7 @@ from .autoencoder import (ReconstructionEvaluator, autoencoder_loss, build_autoe
 from .conditions import condition_of, text_config
 from .data import Split
 from .errors import UserError
-from .evaluate import QUALITY_SAMPLER, Evaluator, due, evaluate, measured
+from .evaluate import Evaluator, due, evaluate, measured, quality_sampler
 from .metrics import QUALITY_KEYS
 from .models import build_model, pretrained
 from .objectives import objective
@@ -87,9 +87,9 @@ class DenoiserTask:
                  f"{result['eval_loss']:.4f}, {result['wall_s']:.0f} s)")
         quality_line = ", ".join(f"{key} {result[key]:.4f}" for key in QUALITY_KEYS if key in result)
         if quality_line:
+            steps = quality_sampler(self.schedule.T).steps
             against = f"; FID/KID: {self.evaluator.fidelity.label}" if self.evaluator.fidelity else ""
-            log.info(f"quality ({tc.num_quality_images} images, DDIM {QUALITY_SAMPLER.steps} steps{against}): "
-                     f"{quality_line}")
+            log.info(f"quality ({tc.num_quality_images} images, DDIM {steps} steps{against}): {quality_line}")
 
 
 class AutoencoderTask:

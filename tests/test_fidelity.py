@@ -120,7 +120,8 @@ FOLDER_RUN = [*TINY_TRAIN, "data=folder", "data.height=16", "data.width=16", "da
 def test_training_logs_fid_and_kid_on_folder_data_stating_n(folders, tmp_path):
     run = tmp_path / "run"
     result = run_in_process("diffusion-train", *FOLDER_RUN, f"data.path={folders['first']}",
-                            "trainer.quality_extractor=mnist", f"hydra.run.dir={run}", cwd=tmp_path)
+                            "trainer.quality_extractor=mnist", "trainer.max_steps=1", f"hydra.run.dir={run}",
+                            cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     final = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
     assert final["fid"] > 0 and final["kid_mean"] != 0 and 0 <= final["precision"] <= 1
