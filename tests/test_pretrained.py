@@ -95,14 +95,19 @@ def test_clip_embeds_each_distinct_caption_once_and_padding_changes_nothing(tiny
         assert torch.allclose(model(x, t, wider), model(x, t, tokens), atol=1e-5)
 
 
-def test_clip_trains_on_captions_and_samples_prompts_then_refuses_other_weights(tiny_clip, tmp_path):
+def shapes_folder(root):
+    """8 captioned 8x8 squares: 'a red square' and 'a blue square' in turn."""
     from PIL import Image
 
-    root = tmp_path / "shapes"
     root.mkdir()
     for i in range(8):
         Image.new("RGB", (8, 8), (200, 30, 30) if i % 2 else (30, 30, 200)).save(root / f"{i}.png")
         (root / f"{i}.txt").write_text("a red square" if i % 2 else "a blue square")
+    return root
+
+
+def test_clip_trains_on_captions_and_samples_prompts_then_refuses_other_weights(tiny_clip, tmp_path):
+    root = shapes_folder(tmp_path / "shapes")
     clip = tmp_path / "clip"
     save_tiny_clip(clip)
     run = tmp_path / "run"
@@ -307,13 +312,7 @@ def test_clip_score_is_clips_own_cosine_of_each_image_and_its_prompt(tmp_path):
 
 
 def test_prompt_runs_get_a_clip_score_where_their_clip_is_whole(tmp_path):
-    from PIL import Image
-
-    root = tmp_path / "shapes"
-    root.mkdir()
-    for i in range(8):
-        Image.new("RGB", (8, 8), (200, 30, 30) if i % 2 else (30, 30, 200)).save(root / f"{i}.png")
-        (root / f"{i}.txt").write_text("a red square" if i % 2 else "a blue square")
+    root = shapes_folder(tmp_path / "shapes")
     args = ["data=folder", f"data.path={root}", "data.captions=sidecar", "data.num_eval=2", "data.num_workers=0",
             "text_encoder=clip", "text_encoder.max_length=32", "model=resunet", "model.base_channels=8",
             "model.channel_mults=[1,2]", "schedule.T=10", "trainer.max_steps=2", "trainer.batch_size=4",
