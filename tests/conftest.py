@@ -118,11 +118,16 @@ def run_in_process(name: str, *args: str, cwd: Path, env: dict | None = None
 
 
 def pytest_collection_finish(session):
-    """Start the golden processes of the selected golden tests now, beside the other tests."""
+    """Start the golden processes of the selected golden tests now, beside the other tests, where
+    the machine has cores to spare: on a few cores they and the tests fight over the same ones
+    (each torch process runs a thread per core, spinning while it waits) and everything beside
+    them runs several times slower, so there the golden tests start their processes themselves."""
     import test_golden
 
     names = {item.name.partition("[")[0] for item in session.items}
     session.config.golden = {}
+    if (os.cpu_count() or 1) < 8:
+        return
     for test in names & test_golden.PROCESSES.keys():
         out = Path(tempfile.mkdtemp(prefix="golden_"))
         session.config.golden[test] = (test_golden.start(test, out), out)
