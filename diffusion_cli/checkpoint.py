@@ -1,7 +1,9 @@
 """Checkpoints: self-describing dicts that load with `torch.load(path, weights_only=True)`.
 
 A checkpoint holds `format_version`, `step`, `model` (state dict), `ema` (the EMA weights' state
-dict, when trainer.ema_decay > 0), `optimizer` (state dict), `scaler` (fp16 only),
+dict, when trainer.ema_decay > 0), `ema_<sigma_rel>` (the power EMAs of trainer.ema_profiles),
+`guide` (autoguidance's guide: the sampling weights at trainer.guide_at), `optimizer` (state
+dict), `scaler` (fp16 only),
 `latent` (task=autoencoder: the latent scale and shift), `autoencoder` (latent diffusion: the
 frozen autoencoder, its config and scale: autoencoder.LatentSpace.state()),
 `config` (the whole resolved run config as plain containers), `rng` (the device type and every
@@ -109,11 +111,12 @@ def unreadable(path: Path, key: str, error: Exception) -> str:
             f"{type(error).__name__}); point {key} at a checkpoint written by diffusion-train")
 
 
-def load(path: str | Path, device="cpu", use_ema: bool = True, state: dict | None = None
-         ) -> tuple[torch.nn.Module, NoiseSchedule, DictConfig]:
+def load(path: str | Path, device="cpu", use_ema: bool = True, state: dict | None = None,
+         weights: str | None = None) -> tuple[torch.nn.Module, NoiseSchedule, DictConfig]:
     """(model, schedule, config) from a checkpoint file or a run dir (or from its `state`, read
     already); the model in eval mode, with the EMA weights where the checkpoint has them and
-    use_ema is true. The same loader `diffusion-sample` uses; call it from a notebook as well."""
+    use_ema is true, or the entry `weights` names ("guide", a power EMA "ema_0.1"). The same
+    loader `diffusion-sample` uses; call it from a notebook as well."""
     state = state if state is not None else read(path, map_location=device)
     config = OmegaConf.create(state["config"])
     if config.get("task") == "autoencoder":
@@ -125,8 +128,9 @@ def load(path: str | Path, device="cpu", use_ema: bool = True, state: dict | Non
     except UserError as error:  # its CLIP not where it was: a run from another machine, most often
         raise UserError(f"{error} (a run moved from another machine: text_encoder.path=DIR names where its "
                         f"CLIP is on this one)") from None
+    weights = weights or ("ema" if use_ema and "ema" in state else "model")
     try:
-        model.load_state_dict(state["ema"] if use_ema and "ema" in state else state["model"])
+        model.load_state_dict(state[weights])
     except RuntimeError as error:
         raise UserError(f"ckpt={path}: its weights do not match its own model config "
                         f"({str(error).splitlines()[0]})") from None
@@ -152,8 +156,7 @@ def save_training(trainer, cfg: DictConfig, step: int, run_dir: Path, rng: dict,
         "rng": rng,
         "record": record,
     }
-    if trainer.ema:
-        state["ema"] = trainer.ema.model.state_dict()
+    state.update(trainer.averages.state())
     if trainer.scaler.is_enabled():
         state["scaler"] = trainer.scaler.state_dict()
     if trainer.lr_rewarm is not None:
@@ -184,8 +187,7 @@ def restore(state: dict, trainer) -> int:
                         f"resume it with torchrun --nproc-per-node {len(ranks)}, so every rank "
                         f"continues its own random stream")
     trainer.model.load_state_dict(state["model"])
-    if trainer.ema:
-        trainer.ema.model.load_state_dict(state.get("ema", state["model"]))
+    trainer.averages.restore(state, trainer.model)
     trainer.optimizer.load_state_dict(state["optimizer"])
     if "scaler" in state:
         trainer.scaler.load_state_dict(state["scaler"])

@@ -80,8 +80,9 @@ class Unconditional:
         if cfg.label is not None:
             raise UserError(f"label={cfg.label} needs a class-conditional model, but {cfg.ckpt} has "
                             f"model.num_classes=0: drop label=, or train with model.num_classes=10")
-        if cfg.guidance_scale != 1.0:
-            raise UserError(f"guidance_scale={cfg.guidance_scale} needs a label: add label=K or label=all")
+        if cfg.guidance_scale != 1.0 and cfg.guidance == "cfg":
+            raise UserError(f"guidance_scale={cfg.guidance_scale} needs a label (add label=K or label=all), "
+                            f"or autoguidance: guidance=auto")
         return Drawn(nrow=cfg.nrow)
 
 
@@ -206,7 +207,7 @@ class Captions(Unconditional):
                             f"captions: use prompt=\"...\" (or prompts_file=)")
         prompts = read_prompts(cfg)
         if prompts is None:
-            if cfg.guidance_scale != 1.0 or cfg.negative_prompt is not None:
+            if (cfg.guidance_scale != 1.0 and cfg.guidance == "cfg") or cfg.negative_prompt is not None:
                 raise UserError("guidance_scale and negative_prompt need a prompt: add prompt=\"...\"")
             return Drawn(nrow=cfg.nrow)
         drawn = self.drawn(prompts, cfg.num_samples, grid=True)

@@ -19,7 +19,9 @@ from . import checkpoint, conditions, spaces, tasks
 from .autoencoder import AutoencoderConfig, DiffusersAutoencoderConfig
 from .data import DataConfig
 from .errors import UserError
+from .ema import MAX_SIGMA_REL
 from .fidelity import EXTRACTORS, training_extractor
+from .guidance import GUIDANCE
 from .metrics import FIDELITY_KEYS, quality_keys
 from .models import MODEL_SCHEMAS
 from .objectives import ObjectiveConfig
@@ -45,6 +47,11 @@ class TrainerConfig:
     lr_schedule: str = one_of(("cosine", "constant"))
     weight_decay: float = non_negative("a number >= 0")
     ema_decay: float = check(lambda v: 0 <= v < 1, "a number from 0 (no EMA) to below 1, e.g. 0.999", MISSING)
+    ema_sigma_rel: Optional[float] = check(lambda v: v is None or 0 < v < MAX_SIGMA_REL,
+                                           f"null or a number from 0 to {MAX_SIGMA_REL:.3f}, e.g. 0.1", MISSING)
+    ema_profiles: list[float] = check(lambda v: all(0 < s < MAX_SIGMA_REL for s in v),
+                                      f"a list of numbers from 0 to {MAX_SIGMA_REL:.3f}, e.g. [0.05,0.1,0.2]", MISSING)
+    guide_at: float = check(lambda v: 0 <= v < 1, "a fraction from 0 (no guide) to below 1, e.g. 0.25", MISSING)
     cond_drop_prob: float = check(lambda v: 0 <= v <= 1, "a probability from 0 to 1", MISSING)
     max_steps: int = positive(resumable=True)
     log_every: int = positive(resumable=True)
@@ -55,7 +62,8 @@ class TrainerConfig:
     num_eval_images: int = positive()
     num_grid_images: int = positive(resumable=True)
     quality_every: int = non_negative("an integer >= 0 (0: only at the end)", resumable=True)
-    num_quality_images: int = non_negative("an integer >= 0 (0: no quality metrics)", resumable=True)
+    num_quality_images: Any = check(lambda v: v == "auto" or (type(v) is int and v >= 0),
+                                    "auto or an integer >= 0 (0: no quality metrics)", MISSING, resumable=True)
     quality_extractor: str = one_of(("auto", "none", *EXTRACTORS), resumable=True)
     quality_weights: Optional[str] = plain(resumable=True)
     max_nonfinite_skips: int = non_negative(resumable=True)
@@ -102,7 +110,10 @@ class SampleConfig:
     prompts_file: Optional[str] = MISSING
     negative_prompt: Optional[str] = MISSING
     guidance_scale: float = non_negative("a number >= 0 (1: plain conditional, 0: unconditional)")
+    guidance: str = one_of(GUIDANCE)
+    guide: Optional[str] = MISSING
     use_ema: bool = MISSING
+    ema: Optional[float] = MISSING
     eval: bool = MISSING
     save_images: bool = MISSING
     precision: str = one_of(PRECISIONS)

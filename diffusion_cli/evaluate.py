@@ -2,13 +2,16 @@
 reconstruction grids, and sample-quality metrics."""
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+
+from . import runtime
 
 from .data import Split
 from .images import save_grid, to_unit
 from .metrics import quality_metric, sample_quality
 from .runtime import autocast, eval_mode
 from .generation import sample_images
+from .samplers import sampler_from_config
 from .objectives import objective
 from .schedule import NoiseSchedule
 
@@ -16,8 +19,11 @@ from .schedule import NoiseSchedule
 LOSS_BUCKETS = 10
 # Fractions of T at which the reconstruction grids show x_t and the model's x0 estimate.
 RECONSTRUCTION_TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)
-# The fast sampler of the quality metrics during training.
-QUALITY_SAMPLER = OmegaConf.create({"kind": "ddim", "steps": 50, "eta": 0.0, "clip_x0": True})
+# trainer.num_quality_images=auto: at most QUALITY_IMAGES images, and no more than cost
+# QUALITY_BUDGET of the run's training in model evaluations (a trained image counts 3: forward
+# and backward), so that a short run's end is short too.
+QUALITY_IMAGES = 256
+QUALITY_BUDGET = 0.1
 
 
 class Evaluator:
@@ -96,25 +102,42 @@ def write_grids(model, schedule, cfg, step: int, run_dir, eval_data: Split, eval
 
 def quality(model, schedule: NoiseSchedule, cfg: DictConfig, evaluator: Evaluator) -> dict:
     """The data's quality metrics (and FID/KID with the evaluator's fidelity; CLIP score for prompts)
-    on trainer.num_quality_images samples drawn with QUALITY_SAMPLER from a fixed seed (the classes
-    or prompts in turn for a conditional model, no guidance)."""
-    count = cfg.trainer.num_quality_images
+    on quality_count samples drawn with the run's sampler from a fixed seed (the classes or prompts
+    in turn for a conditional model, no guidance)."""
+    count = quality_count(cfg, schedule.T)
     conditions, classes, *_, prompts = evaluator.condition.each(count)
-    images = sample_images(model, schedule, quality_sampler(schedule.T), (count, *evaluator.space.shape),
+    images = sample_images(model, schedule, cfg.sampler, (count, *evaluator.space.shape),
                            batch_size=cfg.trainer.batch_size, seed=cfg.trainer.seed, labels=conditions,
                            space=evaluator.space)
     result = {**sample_quality(images, cfg.data, classes), **evaluator.condition.alignment(images, prompts)}
     return {**result, **evaluator.fidelity(images)} if evaluator.fidelity else result
 
 
-def quality_sampler(T: int) -> DictConfig:
-    """QUALITY_SAMPLER on a schedule of T steps (all of them where T is shorter)."""
-    return OmegaConf.merge(QUALITY_SAMPLER, {"steps": min(QUALITY_SAMPLER.steps, T)})
+def quality_count(cfg: DictConfig, T: int) -> int:
+    """How many images the quality metrics draw: trainer.num_quality_images, or with auto as many as
+    QUALITY_BUDGET of the training's model evaluations pays for, at most QUALITY_IMAGES."""
+    tc = cfg.trainer
+    if tc.num_quality_images != "auto":
+        return tc.num_quality_images
+    trained = 3 * tc.max_steps * tc.batch_size * tc.grad_accum * runtime.world_size()
+    return min(QUALITY_IMAGES, int(QUALITY_BUDGET * trained / evaluations(cfg.sampler, T)))
+
+
+def evaluations(sampler_cfg, T: int) -> int:
+    """Model evaluations per image of a sampler config, at most (Heun's last step has one)."""
+    sampler = sampler_from_config(sampler_cfg)
+    return sampler.evaluations_per_step * (sampler.steps or T)
+
+
+def describe(sampler_cfg, T: int) -> str:
+    """A sampler config in words: 'dpmpp_2m, 10 steps, eta 1.0'."""
+    eta = sampler_cfg.get("eta")
+    return f"{sampler_cfg.kind}, {sampler_cfg.steps or T} steps" + (f", eta {eta}" if eta else "")
 
 
 def measured(cfg: DictConfig, evaluator: Evaluator) -> bool:
     """Whether the run measures sample quality: an in-project metric, FID/KID or CLIP score."""
-    return bool(cfg.trainer.num_quality_images) and bool(
+    return bool(quality_count(cfg, evaluator.schedule.T)) and bool(
         quality_metric(cfg.data) or evaluator.fidelity or evaluator.condition.aligns())
 
 

@@ -28,12 +28,12 @@ def sample_images(model: nn.Module, schedule: NoiseSchedule, sampler_cfg, shape,
 def sample_batches(model: nn.Module, schedule: NoiseSchedule, sampler_cfg, shape, *, batch_size: int,
                    seed: int, labels: torch.Tensor | None = None, guidance_scale: float = 1.0,
                    negative: torch.Tensor | None = None, space=None, progress: bool = False,
-                   done: frozenset = frozenset()) -> Iterator[tuple[int, torch.Tensor]]:
+                   done: frozenset = frozenset(), guide: nn.Module | None = None) -> Iterator[tuple[int, torch.Tensor]]:
     """(index of the first image, images in [0, 1] on the CPU) for each batch of `shape[0]` images,
     drawn `batch_size` at a time with the sampler config, leaving out the batches whose first
     index is in `done` (drawn before: bulk sampling resumes). `labels` (N,) for a
     class-conditional model, (N, L) caption tokens for a text-conditioned one; `negative` (N, L)
-    a negative prompt's tokens. In a `space` (spaces.py; default the pixels of `shape`) the model
+    a negative prompt's tokens; `guide` autoguidance's weaker model (by guidance_scale). In a `space` (spaces.py; default the pixels of `shape`) the model
     draws its samples of `shape`, clipped where the space clips, and the space decodes them.
     Training grids, quality metrics and diffusion-sample all draw through here.
 
@@ -55,7 +55,7 @@ def sample_batches(model: nn.Module, schedule: NoiseSchedule, sampler_cfg, shape
         x_T = torch.stack([torch.randn(tuple(shape[1:]), generator=generator.manual_seed(s), device=device)
                            for s in seeds[start:start + batch_size]])
         chunk = sample(model, schedule, x_T.shape, sampler=sampler, generator=generator, x_T=x_T,
-                       progress=progress, clamp=space.clip, guidance_scale=guidance_scale,
+                       progress=progress, clamp=space.clip, guidance_scale=guidance_scale, guide=guide,
                        labels=None if labels is None else labels[start:start + batch_size],
                        negative=None if negative is None else negative[start:start + batch_size])
         yield start, to_unit(space.decode(chunk)).cpu()

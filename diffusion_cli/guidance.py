@@ -1,4 +1,6 @@
-"""Classifier-free guidance (Ho & Salimans 2022) as one wrapper of the denoiser."""
+"""Guidance as one wrapper of the denoiser: classifier-free guidance (Ho & Salimans 2022), which
+needs a condition, and autoguidance (Karras et al. 2024), which guides a model by a weaker version
+of itself and needs none."""
 
 from typing import Callable
 
@@ -6,6 +8,8 @@ import torch
 from torch import nn
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# diffusion-sample guidance=: cfg (classifier-free, with a label or prompt) | auto (the run's guide)
+GUIDANCE = ("cfg", "auto")
 
 
 def guided(model: nn.Module, condition: torch.Tensor | None = None, unconditional: torch.Tensor | None = None,
@@ -24,3 +28,17 @@ def guided(model: nn.Module, condition: torch.Tensor | None = None, unconditiona
         conditional, unconditional = model(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
         return unconditional + scale * (conditional - unconditional)
     return guide
+
+
+def autoguided(model: nn.Module, guide: nn.Module, condition: torch.Tensor | None = None,
+               scale: float = 1.0) -> Denoiser:
+    """(x_t, t) -> autoguidance: guide + w (model - guide), both on the same condition (or none),
+    `guide` an early snapshot of the same run (trainer.guide_at). w = 1 is the model alone, w = 0
+    the guide alone; w > 1 pushes the samples away from where the weaker model errs."""
+    if scale == 1.0:
+        return guided(model, condition)
+
+    def guide_by_weaker(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        weaker = guide(x, t, condition)
+        return weaker + scale * (model(x, t, condition) - weaker) if scale else weaker
+    return guide_by_weaker

@@ -1,5 +1,5 @@
-"""The denoiser's objectives (conf/objective/): what the network outputs, eps (Ho et al. 2020), x0
-or v (Salimans & Ho 2022), and how its loss is weighted over the timesteps. An objective gives the
+"""The denoiser's objectives (conf/objective/): what the network outputs, eps (Ho et al. 2020), x0,
+v (Salimans & Ho 2022) or the flow velocity (rectified flow), and how its loss is weighted over the timesteps. An objective gives the
 target for x_t = q_sample(x0, t, eps), turns a model's output back into (eps, x0) for the
 samplers, and weighs each sample's MSE (none, or min-SNR: Hang et al. 2023)."""
 
@@ -102,11 +102,38 @@ class V(Objective):
         return clipped / (snr + 1)
 
 
-OBJECTIVES = {kind.prediction: kind for kind in (Eps, X0, V)}
+def flow_time(schedule: NoiseSchedule, t, x: torch.Tensor):
+    """(u, 1 / (a + s)) at t: the rectified-flow time u = s / (a + s) whose path x_u = (1 - u) x0 +
+    u eps is the timestep's x_t = a x0 + s eps divided by a + s (the same signal-to-noise ratio)."""
+    a, s = schedule.signal_and_noise(t, x)
+    return s / (a + s), 1 / (a + s)
+
+
+class Flow(Objective):
+    """Rectified flow (Liu et al. 2022; Lipman et al. 2022; SD3: Esser et al. 2024): the network
+    predicts the velocity eps - x0 of the straight path x_u = (1 - u) x0 + u eps. On any schedule
+    the path is x_t / (a + s) at u = s / (a + s), so the samplers and schedules stay as they are; the
+    network sees x_t itself, of unit variance, as every objective's network does (EDM's c_in),
+    and schedule=flow spaces the timesteps evenly in u (with time_density=logit_normal: SD3's)."""
+    prediction = "flow"
+
+    def target(self, schedule, x0, t, noise):
+        return noise - x0
+
+    def eps_and_x0(self, schedule, x_t, t, output):
+        u, scale = flow_time(schedule, t, x_t)
+        return combine(scale, x_t, 1 - u, output), combine(scale, x_t, -u, output)
+
+    def min_snr(self, clipped, snr):
+        # eps's error is (1 - u) = sqrt(snr) / (sqrt(snr) + 1) times the velocity's.
+        return clipped / (snr.sqrt() + 1) ** 2
+
+
+OBJECTIVES = {kind.prediction: kind for kind in (Eps, X0, V, Flow)}
 
 
 def objective(prediction: str, weighting: str = "none") -> Objective:
-    """The objective of a model's `prediction` kind (eps | x0 | v)."""
+    """The objective of a model's `prediction` kind (eps | x0 | v | flow)."""
     if prediction not in OBJECTIVES:
         raise ValueError(f"prediction={prediction!r} is unknown; choose one of: {', '.join(OBJECTIVES)}")
     return OBJECTIVES[prediction](weighting)

@@ -15,6 +15,7 @@ from .atomic import atomic_write
 from .cli import console_script, run_task
 from .conditions import condition_of
 from .config import check_sampler_steps
+from .ema import profile_key
 from .errors import UserError
 from .generation import image_seeds, sample_batches
 from .images import save_each, save_grid
@@ -33,7 +34,9 @@ def sample_from_checkpoint(cfg: DictConfig, run_dir: Path) -> dict:
     the sampling time, which a `diffusion-sample -m` sweep collects into summary.csv."""
     device = resolve_device(cfg.device)
     state = relocated(checkpoint.read(cfg.ckpt, map_location=device), cfg.text_encoder.path, cfg.autoencoder.path)
-    model, schedule, train_cfg = checkpoint.load(cfg.ckpt, device, use_ema=cfg.use_ema, state=state)
+    model, schedule, train_cfg = checkpoint.load(cfg.ckpt, device, use_ema=cfg.use_ema, state=state,
+                                                 weights=chosen_weights(cfg, state))
+    guide, guide_name = autoguide(cfg, state, device)
     space = checkpoint_space(state, device)
     check_sampler_steps(cfg.sampler, schedule.T)
     shape = space.shape
@@ -58,7 +61,8 @@ def sample_from_checkpoint(cfg: DictConfig, run_dir: Path) -> dict:
     log.info(f"sampling {count} images from {checkpoint.resolve(cfg.ckpt)} with "
              f"{cfg.sampler.kind}, {steps} steps, seed {cfg.seed}, on {device}"
              + (f", label {cfg.label}" if cfg.label is not None else "") + condition.describe(prompts)
-             + (f", guidance {cfg.guidance_scale}" if labels is not None else ""))
+             + (f", guidance {cfg.guidance_scale}" if labels is not None and guide is None else "")
+             + (f", autoguidance {cfg.guidance_scale} by {guide_name}" if guide is not None else ""))
     started = time.perf_counter()
     drawn = drawn_before(run_dir, cfg, count) if cfg.save_images else {}
     before = sum(map(len, drawn.values()))
@@ -66,7 +70,8 @@ def sample_from_checkpoint(cfg: DictConfig, run_dir: Path) -> dict:
         try:
             for start, chunk in sample_batches(model, schedule, cfg.sampler, (count, *shape), batch_size=cfg.batch_size,
                                                seed=cfg.seed, labels=labels, guidance_scale=cfg.guidance_scale,
-                                               negative=negative, space=space, progress=True, done=frozenset(drawn)):
+                                               negative=negative, space=space, progress=True, done=frozenset(drawn),
+                                               guide=guide):
                 if cfg.save_images:
                     keep(run_dir, start, chunk)
                 drawn[start] = chunk
@@ -99,6 +104,34 @@ def sample_from_checkpoint(cfg: DictConfig, run_dir: Path) -> dict:
     log.info(f"wrote {grid} and {run_dir / 'samples.pt'}")
     return {**{key: value for key, value in metrics.items() if isinstance(value, float)},
             "sampling_s": sampling_s}
+
+
+def chosen_weights(cfg: DictConfig, state: dict) -> str | None:
+    """The checkpoint entry of the weights asked for: a power EMA with ema=SIGMA_REL, else the
+    default (the EMA, or with use_ema=false the raw weights)."""
+    if cfg.ema is None:
+        return None
+    kept = sorted(float(key[len("ema_"):]) for key in state if key.startswith("ema_"))
+    if profile_key(cfg.ema) not in state:
+        raise UserError(f"ema={cfg.ema}: ckpt={cfg.ckpt} keeps no power EMA of that sigma_rel "
+                        + (f"(it keeps {', '.join(map(str, kept))})" if kept else
+                           "(train with trainer.ema_profiles=[0.05,0.1,0.2] to keep some)"))
+    return profile_key(cfg.ema)
+
+
+def autoguide(cfg: DictConfig, state: dict, device) -> tuple[torch.nn.Module | None, str]:
+    """guidance=auto: autoguidance's weaker model and where it comes from: guide=CKPT's sampling
+    weights, else the run's own guide (the snapshot at trainer.guide_at)."""
+    if cfg.guidance != "auto":
+        return None, ""
+    if cfg.guide is not None:
+        return checkpoint.load(cfg.guide, device)[0], f"ckpt={cfg.guide}"
+    if "guide" not in state:
+        raise UserError(f"guidance=auto: ckpt={cfg.ckpt} holds no guide (trained with trainer.guide_at=0, or "
+                        f"stopped before it): name one with guide=CKPT, e.g. an earlier checkpoint of the run")
+    trainer = state["config"]["trainer"]
+    return (checkpoint.load(cfg.ckpt, device, state=state, weights="guide")[0],
+            f"its guide (step {round(trainer['guide_at'] * trainer['max_steps'])})")
 
 
 # save_images=true: each batch drawn, until samples.pt holds them all (bulk sampling resumes).

@@ -11,23 +11,30 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .schema import check
+from omegaconf import MISSING
+
+from .schema import check, one_of, plain
 
 # The schedule group's kinds: each one's keys (conf/schedule/<kind>.yaml has their defaults and docs).
 def _steps(): return check(lambda v: v >= 1, "an integer >= 1")
-def _beta(): return check(lambda v: 0 < v < 1, "a number strictly between 0 and 1")
+def _beta(): return check(lambda v: 0 < v < 1, "a number strictly between 0 and 1", MISSING)
 
 
-@dataclass
-class Linear:
-    T: int = _steps()
-    beta_start: float = _beta()
-    beta_end: float = _beta()
+TIME_DENSITIES = ("uniform", "logit_normal")
 
 
 @dataclass
 class Cosine:
     T: int = _steps()
+    time_density: str = one_of(TIME_DENSITIES)
+    logit_mean: float = plain()  # any number
+    logit_std: float = check(lambda v: v > 0, "a number > 0, e.g. 1.0", MISSING)
+
+
+@dataclass
+class Linear(Cosine):
+    beta_start: float = _beta()
+    beta_end: float = _beta()
 
 
 @dataclass
@@ -40,7 +47,12 @@ class EDM:
     p_std: float = check(lambda v: v > 0, "a number > 0, e.g. 1.2")
 
 
-SCHEDULES = {"linear": Linear, "cosine": Cosine, "edm": EDM}
+@dataclass
+class Flow(Cosine):
+    """schedule=flow: its keys are cosine's."""
+
+
+SCHEDULES = {"linear": Linear, "cosine": Cosine, "edm": EDM, "flow": Flow}
 SCHEDULE_KINDS = tuple(SCHEDULES)
 
 
@@ -51,6 +63,9 @@ def make_betas(kind: str, T: int, beta_start: float | None = None, beta_end: flo
     linear: evenly spaced from beta_start to beta_end (Ho et al. 2020).
     cosine: alpha_bar(t) = cos^2(((t/T + s) / (1 + s)) pi/2) with s = 0.008, betas = 1 -
     alpha_bar(t+1)/alpha_bar(t) capped at 0.999 (Nichol & Dhariwal 2021); beta_start/end unused.
+    flow: the straight path x_u = (1 - u) x0 + u eps at u = (t + 1) / (T + 1), evenly spaced in
+    u short of pure noise, as the variance-preserving x_t = x_u (a + s): alpha_bar = (1 - u)^2 /
+    ((1 - u)^2 + u^2) (rectified flow's time, Liu et al. 2022).
     """
     if kind == "linear":
         return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
@@ -58,7 +73,11 @@ def make_betas(kind: str, T: int, beta_start: float | None = None, beta_end: flo
         s = 0.008
         f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
         return (1 - f[1:] / f[:-1]).clamp(max=0.999)
-    raise ValueError(f"schedule.kind={kind!r} has no beta formula; choose linear or cosine (edm: edm_schedule)")
+    if kind == "flow":
+        u = torch.arange(1, T + 1, dtype=torch.float64) / (T + 1)
+        alpha_bars = (1 - u) ** 2 / ((1 - u) ** 2 + u ** 2)
+        return 1 - alpha_bars / torch.cat([torch.ones(1, dtype=torch.float64), alpha_bars[:-1]])
+    raise ValueError(f"schedule.kind={kind!r} has no beta formula; choose linear, cosine or flow (edm: edm_schedule)")
 
 
 def edm_levels(T: int, sigma_min: float, sigma_max: float, rho: float) -> torch.Tensor:
@@ -84,6 +103,17 @@ def edm_schedule(T: int, sigma_min: float, sigma_max: float, rho: float, p_mean:
     widths = torch.gradient(log_levels)[0]           # each level's share of the ln s axis
     density = torch.exp(-0.5 * ((log_levels - p_mean) / p_std) ** 2)
     return NoiseSchedule(betas=1 - alpha_bars / previous, train_weights=density * widths)
+
+
+def logit_normal_weights(alpha_bars: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """Training weights of the timesteps under SD3's logit-normal time (Esser et al. 2024): flow
+    time u = sigmoid(N(mean, std^2)) with x_u = (1 - u) x0 + u eps, whose log-SNR is
+    lambda = -2 logit(u), so lambda ~ N(-2 mean, (2 std)^2): each timestep gets that density at
+    its lambda times its share of the lambda axis. The same density on any schedule; uniform
+    time on the linear schedule spends most of training at very low or very high noise."""
+    log_snr = (alpha_bars / (1 - alpha_bars)).log()
+    density = torch.exp(-0.5 * ((log_snr + 2 * mean) / (2 * std)) ** 2)
+    return density * torch.gradient(log_snr)[0].abs()
 
 
 def combine(a, x: torch.Tensor, b, y: torch.Tensor) -> torch.Tensor:
@@ -193,7 +223,12 @@ class NoiseSchedule(nn.Module):
     def from_config(cls, cfg) -> "NoiseSchedule":
         if cfg.kind == "edm":
             return edm_schedule(cfg.T, cfg.sigma_min, cfg.sigma_max, cfg.rho, cfg.p_mean, cfg.p_std)
-        return cls(T=cfg.T, beta_start=cfg.get("beta_start"), beta_end=cfg.get("beta_end"), kind=cfg.kind)
+        weights = None
+        if cfg.get("time_density", "uniform") == "logit_normal":  # older checkpoints: uniform
+            betas = make_betas(cfg.kind, cfg.T, cfg.get("beta_start"), cfg.get("beta_end"))
+            weights = logit_normal_weights(torch.cumprod(1 - betas, 0), cfg.logit_mean, cfg.logit_std)
+        return cls(T=cfg.T, beta_start=cfg.get("beta_start"), beta_end=cfg.get("beta_end"), kind=cfg.kind,
+                   train_weights=weights)
 
     def extra_repr(self) -> str:
         return f"T={self.T}"

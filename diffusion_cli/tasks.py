@@ -15,7 +15,7 @@ from .autoencoder import (ReconstructionEvaluator, autoencoder_loss, build_autoe
 from .conditions import condition_of, text_config
 from .data import Split
 from .errors import UserError
-from .evaluate import Evaluator, due, evaluate, measured, quality_sampler
+from .evaluate import Evaluator, describe, due, evaluate, measured, quality_count
 from .metrics import QUALITY_KEYS
 from .models import build_model, pretrained
 from .objectives import objective
@@ -56,13 +56,14 @@ class DenoiserTask:
         self.eval_data = eval_data = self.condition.held_out(eval_data)
         self.evaluator = Evaluator(eval_data.head(tc.num_eval_images), self.schedule, tc.batch_size, tc.seed,
                                    self.condition, self.space)
-        name = fidelity.training_extractor(tc, self.cfg.data)
+        count = quality_count(self.cfg, self.schedule.T)
+        name = fidelity.training_extractor(tc, self.cfg.data) if count else None
         if name and runtime.is_main():
             self.evaluator.fidelity = fidelity.Fidelity(name, tc.quality_weights, train_data.images,
-                                                        tc.num_quality_images, tc.seed, self.device)
-            log.info(f"quality: FID, KID and precision/recall of {tc.num_quality_images} samples by "
+                                                        count, tc.seed, self.device)
+            log.info(f"quality: FID, KID and precision/recall of {count} samples by "
                      f"{self.evaluator.fidelity.label} (small N: FID is biased upward, compare runs at one N)")
-        elif tc.num_quality_images and tc.quality_extractor == "auto" and not measured(self.cfg, self.evaluator):
+        elif count and tc.quality_extractor == "auto" and not measured(self.cfg, self.evaluator):
             log.info(fidelity.without_fidelity(self.cfg.data))
 
     def prepare_checkpoint(self, model) -> None:
@@ -87,9 +88,9 @@ class DenoiserTask:
                  f"{result['eval_loss']:.4f}, {result['wall_s']:.0f} s)")
         quality_line = ", ".join(f"{key} {result[key]:.4f}" for key in QUALITY_KEYS if key in result)
         if quality_line:
-            steps = quality_sampler(self.schedule.T).steps
+            count, sampler = quality_count(self.cfg, self.schedule.T), describe(self.cfg.sampler, self.schedule.T)
             against = f"; FID/KID: {self.evaluator.fidelity.label}" if self.evaluator.fidelity else ""
-            log.info(f"quality ({tc.num_quality_images} images, DDIM {steps} steps{against}): {quality_line}")
+            log.info(f"quality ({count} images, {sampler}{against}): {quality_line}")
 
 
 class AutoencoderTask:

@@ -23,7 +23,7 @@ from .cli import console_script, run_task
 from .config import resumed_config, validate
 from .data import RowFile, Split, class_names, load_data
 from .data.batches import training_batches
-from .ema import EMA
+from .ema import Averages
 from .evaluate import due, evaluation_due
 from .lr_schedule import learning_rate, rewarm_after_resume
 from .models import image_shape
@@ -60,7 +60,8 @@ class TrainStep:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.lr,
                                            weight_decay=tc.weight_decay, fused=True)
         self.scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
-        self.ema = EMA(self.model, tc.ema_decay) if tc.ema_decay > 0 else None
+        self.averages = Averages(self.model, tc)  # the sampling EMA, more EMAs, autoguidance's guide
+        self.ema = self.averages.ema
         self.lr, self.lr_rewarm = 0.0, None
         # The training stream: batch indices, timesteps, noise, label dropout; seed + rank under
         # torchrun. Evaluation and grids use fixed-seed generators of their own.
@@ -104,8 +105,7 @@ class TrainStep:
         else:
             self.optimizer.found_inf = (~applied).float()  # fused AdamW leaves the weights as they were
             self.optimizer.step()
-        if self.ema:
-            self.ema.update(self.model, step, weight=applied.float())
+        self.averages.update(self.model, step, weight=applied.float())
         # What stops a run: a non-finite loss, or non-finite gradients outside fp16. Under fp16
         # GradScaler's overflow skips are routine (it lowers its scale and goes on): counted apart.
         bad = ~torch.isfinite(loss.detach()) if self.scaler.is_enabled() else ~applied

@@ -23,9 +23,9 @@ MNIST = ["data=mnist", *FAST]
 # name: (training runs, in order: the last is sampled; sampling runs: name suffix -> arguments).
 # "{prev}" in an argument is the previous training run's dir (the autoencoder of latent diffusion).
 CASES = {
-    "gradients_fast": ([FAST], {"": ["num_samples=8"]}),
+    "gradients_fast": ([FAST], {"": ["num_samples=8", "sampler=ddpm"]}),
     "mnist_fast": ([MNIST], {
-        "": ["num_samples=6"],
+        "": ["num_samples=6", "sampler=ddpm"],
         "ddpm5": ["num_samples=4", "sampler=ddpm", "sampler.steps=5"],
         "ddim5": ["num_samples=4", "sampler=ddim", "sampler.steps=5"],
         "ddim5_eta1": ["num_samples=4", "sampler=ddim", "sampler.steps=5", "sampler.eta=1"],
@@ -56,8 +56,8 @@ CASES = {
         "": ["num_samples=4", "sampler=ddim", "sampler.steps=5"],
         "ddpm5": ["num_samples=4", "sampler=ddpm", "sampler.steps=5"],
     }),
-    "mnist_unet_dpmpp": ([[*MNIST, "model=unet", "sampler=dpmpp_2m"]], {"": ["num_samples=4"]}),
-    "gradients_default": ([["trainer.device=cpu"]], {"": ["num_samples=16"]}),
+    "mnist_unet_dpmpp": ([[*MNIST, "model=unet", "sampler=dpmpp_2m"]], {"": ["num_samples=4", "sampler=ddpm"]}),
+    "gradients_default": ([["trainer.device=cpu"]], {"": ["num_samples=16", "sampler=ddpm"]}),
 }
 SLOW = {"gradients_default"}
 

@@ -68,6 +68,27 @@ def test_sample_uses_the_ema_weights_unless_told_not_to(trained_run, tmp_path):
     assert torch.equal(model.state_dict()["out.1.weight"], state["ema"]["out.1.weight"])
 
 
+def test_autoguidance_by_the_runs_guide_or_an_earlier_checkpoint(trained_run, tmp_path):
+    """guidance=auto guides by the snapshot the run kept at trainer.guide_at (step 2 of 6 by
+    default), or by guide=CKPT; a checkpoint without a guide is refused in one line."""
+    by_guide = run_cli("diffusion-sample", f"ckpt={trained_run}", "guidance=auto", "guidance_scale=2",
+                       "num_samples=2", "hydra.run.dir=own", cwd=tmp_path)
+    assert "autoguidance 2.0 by its guide (step 2)" in by_guide.stdout + by_guide.stderr
+    early = trained_run / "checkpoints" / "step_0000003.pt"
+    by_file = run_cli("diffusion-sample", f"ckpt={trained_run}", "guidance=auto", "guidance_scale=2",
+                      f"guide={early}", "num_samples=2", "hydra.run.dir=file", cwd=tmp_path)
+    assert f"by ckpt={early}" in by_file.stdout + by_file.stderr
+    images = [torch.load(tmp_path / d / "samples.pt", weights_only=True) for d in ("own", "file")]
+    assert not torch.equal(*images)  # two guides, two sets of images
+    state = torch.load(trained_run / "checkpoints" / "last.pt", weights_only=True)
+    del state["guide"]
+    torch.save(state, tmp_path / "no_guide.pt")
+    refused = run_cli("diffusion-sample", f"ckpt={tmp_path / 'no_guide.pt'}", "guidance=auto", "guidance_scale=2",
+                      "hydra.run.dir=refused", cwd=tmp_path, check=False)
+    assert refused.returncode != 0 and "holds no guide" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+
+
 def test_sample_accepts_a_checkpoint_file_and_a_respaced_sampler(trained_run, tmp_path):
     run_in_process("diffusion-sample", f"ckpt={trained_run / 'checkpoints' / 'step_0000003.pt'}",
                    "num_samples=3", "sampler.steps=5", f"hydra.run.dir={tmp_path / 's'}", cwd=tmp_path)
@@ -208,6 +229,14 @@ BAD_INPUT = [
     ("diffusion-train", ["trainer.precision=fp8"], "trainer.precision"),
     ("diffusion-sample", ["ckpt=TRAINED", "precision=half"], "precision"),
     ("diffusion-sample", ["ckpt=TRAINED", "compile=maybe"], "compile"),
+    ("diffusion-sample", ["ckpt=TRAINED", "ema=0.1"], "keeps no power EMA"),   # trainer.ema_profiles=[]
+    ("diffusion-sample", ["ckpt=TRAINED", "guidance=classifier"], "guidance"),
+    ("diffusion-sample", ["ckpt=TRAINED", "guidance=auto", "guide=missing.pt"], "missing.pt"),
+    ("diffusion-train", ["trainer.ema_sigma_rel=0.5"], "trainer.ema_sigma_rel"),
+    ("diffusion-train", ["trainer.ema_profiles=[0.1,2]"], "trainer.ema_profiles"),
+    ("diffusion-train", ["trainer.guide_at=1"], "trainer.guide_at"),
+    ("diffusion-train", ["trainer.num_quality_images=many"], "trainer.num_quality_images"),
+    ("diffusion-train", ["schedule.time_density=normal"], "schedule.time_density"),
 ]
 # The data keys and sources: the same checks as above (config rules, loaders), in-process only.
 BAD_DATA_INPUT = [

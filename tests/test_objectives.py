@@ -1,12 +1,17 @@
-"""x0 and v objectives, min-SNR weights, label dropout, EMA and classifier-free guidance."""
+"""x0 and v objectives, min-SNR weights, label dropout, the EMAs, classifier-free guidance and
+autoguidance."""
+
+import math
 
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
-from diffusion_cli.ema import EMA
-from diffusion_cli.guidance import guided
+from diffusion_cli.ema import EMA, power_gamma
+from diffusion_cli.guidance import autoguided, guided
+from diffusion_cli.models import MLP
+from diffusion_cli.samplers import sample
 from diffusion_cli.samplers.base import Denoised
 from diffusion_cli.samplers.ddim import ddim_step
 from diffusion_cli.samplers.ddpm import ddpm_step
@@ -100,6 +105,65 @@ def test_ema_follows_the_warm_up_formula():
     assert not any(p.requires_grad for p in ema.model.parameters())
 
 
+@pytest.mark.parametrize("sigma_rel", [0.05, 0.1, 0.2])
+def test_power_ema_averages_with_the_profile_of_its_sigma_rel(sigma_rel):
+    """Fed the step number itself (and its square) as the weight, the EMA gives the mean and the
+    second moment of its averaging profile over the steps: its standard deviation relative to the
+    run's length is sigma_rel (EDM2), the profile's exact position (gamma+1)/(gamma+2)."""
+    steps = 4000
+    model = nn.Linear(1, 1, bias=True)
+    ema = EMA(model, sigma_rel=sigma_rel)
+    for step in range(1, steps + 1):
+        with torch.no_grad():
+            model.weight.fill_(step / steps)
+            model.bias.fill_((step / steps) ** 2)
+        ema.update(model, step)
+    mean, second = ema.model.weight.item(), ema.model.bias.item()
+    gamma = power_gamma(sigma_rel)
+    assert (mean * (1 - 1e-3) < (gamma + 1) / (gamma + 2) < mean * (1 + 1e-3))
+    assert math.sqrt(second - mean ** 2) == pytest.approx(sigma_rel, rel=0.01)
+    # The closed form of sigma_rel from gamma.
+    assert math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3))) == pytest.approx(sigma_rel, rel=1e-9)
+
+
+def test_power_ema_copies_the_weights_at_the_first_step():
+    model = nn.Linear(2, 2)
+    ema = EMA(model, sigma_rel=0.1)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model, 1)
+    assert torch.equal(ema.model.weight, model.weight)
+
+
+def test_autoguidance_at_1_is_the_model_and_at_0_the_guide():
+    """out = guide + w (model - guide), on the same condition for both (or none)."""
+    class Shift(nn.Module):
+        def __init__(self, by):
+            super().__init__()
+            self.by = by
+
+        def forward(self, x, t, labels=None):
+            return x + self.by + (0 if labels is None else labels.float().reshape(-1, 1, 1, 1))
+
+    good, bad = Shift(1.0), Shift(-2.0)
+    x, t = torch.randn(3, 1, 2, 2), torch.zeros(3, dtype=torch.long)
+    labels = torch.tensor([0, 3, 7])
+    for condition in (None, labels):
+        assert torch.equal(autoguided(good, bad, condition, 1.0)(x, t), good(x, t, condition))
+        assert torch.equal(autoguided(good, bad, condition, 0.0)(x, t), bad(x, t, condition))
+        torch.testing.assert_close(autoguided(good, bad, condition, 2.5)(x, t),
+                                   bad(x, t, condition) + 2.5 * 3.0)
+    # Through sample(): w = 1 draws what the model alone draws, w = 0 what the guide alone draws.
+    schedule = NoiseSchedule(T=20)
+    mlp, weaker = MLP((1, 4, 4), width=16), MLP((1, 4, 4), width=16)
+    for w, alone in ((1.0, mlp), (0.0, weaker)):
+        guided_images = sample(mlp, schedule, (2, 1, 4, 4), sampler="ddim", steps=5, guide=weaker,
+                               guidance_scale=w, generator=torch.Generator().manual_seed(0))
+        expected = sample(alone, schedule, (2, 1, 4, 4), sampler="ddim", steps=5,
+                          generator=torch.Generator().manual_seed(0))
+        assert torch.equal(guided_images, expected)
+
+
 def test_guidance_is_unconditional_plus_w_times_the_difference():
     class ByLabel(nn.Module):
         num_classes = 10
@@ -146,3 +210,22 @@ def test_ddim_step_matches_diffusers_for_x0_and_v(prediction, diffusers_name):
         denoised = Denoised(lambda: output, SCHEDULE, t, x, objective(prediction), clip_x0=True)
         torch.testing.assert_close(ddim_step(SCHEDULE, denoised.x0, denoised.eps, t, t_prev, x, 0.0, None),
                                    expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_flow_objective_is_diffusers_flow_matching_on_the_straight_path():
+    """objective=flow: the network sees x_t of its schedule, which is the straight path's x_u =
+    (1 - u) x0 + u eps (diffusers' FlowMatchEulerDiscreteScheduler.scale_noise) times (a + s), at
+    u = s / (a + s); its target is the velocity eps - x0 (SD3's training scripts)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from diffusion_cli.objectives import flow_time
+
+    for schedule in (SCHEDULE, NoiseSchedule(T=1000, kind="flow")):
+        u, scale = flow_time(schedule, T, X0)
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)
+        scheduler.set_timesteps(sigmas=u.flatten().tolist())
+        for k, t in enumerate(scheduler.timesteps):
+            expected = scheduler.scale_noise(X0[k:k + 1], t[None], EPS[k:k + 1])
+            x_t = schedule.q_sample(X0[k:k + 1], T[k:k + 1], EPS[k:k + 1])
+            torch.testing.assert_close(x_t * scale[k], expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(objective("flow").target(schedule, X0, T, EPS), EPS - X0)

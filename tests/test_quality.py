@@ -83,3 +83,24 @@ def test_an_altered_shipped_classifier_is_not_trusted_and_is_trained_instead(mon
     _, entry = classifier.load_classifier("unused", False)
     assert "fails its checksum" in caplog.text
     assert (tmp_path / "cache" / "mnist_classifier_v1.pt").exists() and entry["version"] == classifier.VERSION
+
+
+def test_auto_quality_images_cost_at_most_a_tenth_of_the_training():
+    """num_quality_images=auto: as many images as 10% of the training's model evaluations (a
+    trained image counts 3) pay for at the sampler's evaluations per image, at most 256; a number
+    given wins."""
+    from omegaconf import OmegaConf
+
+    from diffusion_cli.evaluate import quality_count
+
+    def cfg(sampler, **trainer):
+        return OmegaConf.create({"sampler": sampler, "trainer": {
+            "num_quality_images": "auto", "max_steps": 20, "batch_size": 16, "grad_accum": 1, **trainer}})
+
+    sde = {"kind": "dpmpp_2m", "steps": 10, "eta": 1.0, "clip_x0": True}
+    assert quality_count(cfg(sde), 1000) == 9                       # 0.1 x 3 x 20 x 16 / 10
+    assert quality_count(cfg({"kind": "heun", "steps": 10, "clip_x0": True}), 1000) == 4   # 20 evaluations
+    assert quality_count(cfg({"kind": "ddpm", "steps": None, "clip_x0": True}), 1000) == 0
+    assert quality_count(cfg(sde, grad_accum=2), 1000) == 19
+    assert quality_count(cfg(sde, max_steps=1506, batch_size=128), 1000) == 256
+    assert quality_count(cfg(sde, num_quality_images=1000), 1000) == 1000

@@ -114,3 +114,22 @@ def test_a_format_1_checkpoint_still_resumes(trained_run, tmp_path):
     result = run_in_process("diffusion-train", f"resume={run_dir}", "trainer.max_steps=8", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert torch.load(last, weights_only=True)["step"] == 8
+
+
+def test_a_resumed_run_keeps_its_power_emas_and_guide_bit_for_bit(tmp_path):
+    """The power EMAs (the sampling one and trainer.ema_profiles) and the autoguidance guide, taken
+    at step 2 of 6, come out of a run resumed from its step-3 checkpoint as from a straight run."""
+    args = [*TINY_TRAIN, "trainer.ema_sigma_rel=0.1", "trainer.ema_profiles=[0.05,0.2]", "trainer.guide_at=0.25"]
+    straight = tmp_path / "straight"
+    assert run_in_process("diffusion-train", *args, f"hydra.run.dir={straight}", cwd=tmp_path).returncode == 0
+    branch = tmp_path / "branch"
+    result = run_in_process("diffusion-train", f"resume={straight}/checkpoints/step_0000003.pt",
+                            f"hydra.run.dir={branch}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    final, expected = (torch.load(d / "checkpoints" / "last.pt", weights_only=True) for d in (branch, straight))
+    early = torch.load(straight / "checkpoints" / "step_0000003.pt", weights_only=True)
+    for key in ("model", "ema", "ema_0.05", "ema_0.2", "guide"):
+        for name, value in expected[key].items():
+            assert torch.equal(final[key][name], value), f"{key}.{name}"
+    assert all(torch.equal(early["guide"][name], value) for name, value in expected["guide"].items())
+    assert any(not torch.equal(expected["ema_0.05"][name], value) for name, value in expected["ema_0.2"].items())

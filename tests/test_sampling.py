@@ -308,3 +308,84 @@ def test_heun_evaluates_the_model_twice_per_step_but_at_the_ends(kind, evaluatio
     sample(model, s, (2, 1, 4, 4), sampler="heun", steps=10)
     assert len(model.seen) == evaluations and model.seen[0] == 999 and model.seen[-1] == 0
     assert len(set(model.seen)) == 10
+
+
+def flow_schedule(T: int = 1000) -> NoiseSchedule:
+    from omegaconf import OmegaConf
+    return NoiseSchedule.from_config(OmegaConf.create({"kind": "flow", "T": T, "time_density": "uniform",
+                                                       "logit_mean": 0.0, "logit_std": 1.0}))
+
+
+def flow_velocity_model(s: NoiseSchedule):
+    """A flow model (objective=flow) whose velocity is a fixed nonlinear function of the flow's
+    x_u and u: what diffusers' flow schedulers are handed as model_output, as a function of (x_u, u)."""
+    from diffusion_cli.samplers.flow import flow_point
+
+    def velocity(x_u, u):
+        return torch.tanh(x_u) * (1 + u) - 0.3 * x_u
+
+    class Model(torch.nn.Module):
+        prediction, num_classes = "flow", 0
+
+        def forward(self, x, t, labels=None):
+            u, scale = zip(*(flow_point(s, i) for i in t.tolist()))
+            u, scale = (torch.tensor(v, dtype=x.dtype).view(-1, 1, 1, 1) for v in (u, scale))
+            return velocity(x / scale, u)
+    return Model(), velocity
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_euler_trajectory_matches_diffusers_flow_match_euler(shift):
+    """sampler=flow_euler on schedule=flow against FlowMatchEulerDiscreteScheduler handed the same
+    flow times (ours: evenly spaced in u on the training grid, then shifted), step by step, in
+    the flow's x_u = x_t / (a + s)."""
+    diffusers = pytest.importorskip("diffusers")
+    from diffusion_cli.samplers.flow import FlowEuler, flow_point
+
+    s = flow_schedule()
+    model, velocity = flow_velocity_model(s)
+    sampler, shape = FlowEuler(steps=10, shift=shift, clip_x0=False), (3, 1, 4, 4)
+    ours = sample(model, s, shape, sampler=sampler, generator=torch.Generator().manual_seed(0),
+                  return_all_steps=True, clamp=False)
+    timesteps = sampler.timesteps(s, 10)
+    us = [flow_point(s, t)[0] for t in timesteps]
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)  # us are shifted
+    scheduler.set_timesteps(sigmas=us)
+    x = ours[0] / flow_point(s, timesteps[0])[1]
+    for k, t in enumerate(scheduler.timesteps):
+        u = scheduler.sigmas[k].item()
+        assert u == pytest.approx(us[k], rel=1e-6)
+        x = scheduler.step(velocity(x, torch.tensor(u)), t, x).prev_sample
+        ours_u = ours[k + 1] / (flow_point(s, timesteps[k + 1])[1] if k + 1 < len(timesteps) else 1.0)
+        torch.testing.assert_close(ours_u, x, atol=1e-5, rtol=1e-5)
+
+
+def test_flow_times_are_diffusers_linspace_then_shifted():
+    """Unshifted, our flow times are diffusers' sigmas (linspace from 1 to 1/T) to within the training
+    grid's spacing (u = (t + 1) / (T + 1)); shifted, they are SD3's shift of that linspace."""
+    diffusers = pytest.importorskip("diffusers")
+    from diffusion_cli.samplers.flow import FlowEuler, flow_point, shifted
+
+    s = flow_schedule()
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)
+    scheduler.set_timesteps(10)
+    us = torch.tensor([flow_point(s, t)[0] for t in FlowEuler(steps=10).timesteps(s, 10)], dtype=torch.float64)
+    torch.testing.assert_close(us, scheduler.sigmas[:-1].double(), atol=1.5e-3, rtol=0)
+    shifted_us = [flow_point(s, t)[0] for t in FlowEuler(steps=10, shift=3.0).timesteps(s, 10)]
+    torch.testing.assert_close(torch.tensor(shifted_us, dtype=torch.float64), shifted(us, 3.0), atol=1.5e-3, rtol=0)
+
+
+def test_flow_heun_solves_the_flow_ode_to_second_order():
+    """On Gaussian data the exact ODE solution is known (as above, in y = x / alpha): flow_heun's
+    error falls like a second-order method's, flow_euler's like a first-order one's."""
+    s, mean, std = flow_schedule(), 0.3, 0.5
+    model = gaussian_data_denoiser(s, mean, std)
+    x_T = torch.randn(256, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    s_T = (s.sqrt_one_minus_alpha_bars[-1] / s.sqrt_alpha_bars[-1]).double()
+    exact = mean + (x_T / s.sqrt_alpha_bars[-1].double() - mean) * std / (std ** 2 + s_T ** 2).sqrt()
+
+    def error(sampler, steps):
+        out = sample(model, s, x_T.shape, sampler=sampler, steps=steps, clip_x0=False, x_T=x_T, clamp=False)
+        return (out - exact).pow(2).mean().sqrt().item()
+    assert error("flow_heun", 20) / error("flow_heun", 50) > 4 > 3 > error("flow_euler", 20) / error("flow_euler", 50)
+    assert error("flow_heun", 20) < error("flow_euler", 20) / 3

@@ -150,3 +150,21 @@ def test_v_prediction_on_the_edm_schedule_is_edm_preconditioning():
     torch.testing.assert_close(s.q_sample(x0, t, n).double(), c_in * y, rtol=1e-4, atol=1e-5)
     target_f = (x0.double() - c_skip * y) / c_out
     torch.testing.assert_close(-objective("v").target(s, x0, t, n).double(), target_f, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind, mean, std", [("linear", 0.0, 1.0), ("cosine", 0.5, 0.8)])
+def test_logit_normal_time_draws_sd3s_flow_times(kind, mean, std):
+    """The flow time u of each drawn timestep (x_u = (1 - u) x0 + u eps has the timestep's SNR:
+    ((1 - u) / u)^2 = alpha_bar / (1 - alpha_bar)) is logit-normal: logit(u) ~ N(mean, std^2)."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"kind": kind, "T": 1000, "beta_start": 1e-4, "beta_end": 0.02,
+                            "time_density": "logit_normal", "logit_mean": mean, "logit_std": std})
+    schedule = NoiseSchedule.from_config(cfg)
+    t = schedule.training_timesteps(200_000, torch.Generator().manual_seed(0), "cpu")
+    ab = schedule.alpha_bars.double()[t]
+    logit_u = -0.5 * (ab / (1 - ab)).log()   # u / (1 - u) = sqrt((1 - ab) / ab)
+    assert logit_u.mean().item() == pytest.approx(mean, abs=0.03)
+    assert logit_u.std().item() == pytest.approx(std, rel=0.03)
+    uniform = NoiseSchedule.from_config(OmegaConf.merge(cfg, {"time_density": "uniform"}))
+    assert uniform.train_weights is None

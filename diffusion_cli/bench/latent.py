@@ -7,11 +7,11 @@ import torch
 from omegaconf import OmegaConf
 
 from ..data import Split, make_gradients
-from ..evaluate import QUALITY_SAMPLER
 from ..generation import sample_images
 from .timing import compose_train, interleaved, spread, table, timed
 
 SIZE = 64
+SAMPLER = OmegaConf.create({"kind": "ddim", "steps": 50, "eta": 0.0, "clip_x0": True})  # the sampling rows'
 
 
 def bench_latent(device: torch.device, repeats: int, steps: int, quick: bool = False) -> str:
@@ -40,7 +40,7 @@ def bench_latent(device: torch.device, repeats: int, steps: int, quick: bool = F
                            for name in trainers}, repeats, device)
     per_s = {name: [steps * batch / s for s in values] for name, values in seconds.items()}
 
-    sampler = OmegaConf.merge(QUALITY_SAMPLER, {"steps": 2 if quick else QUALITY_SAMPLER.steps})
+    sampler = OmegaConf.merge(SAMPLER, {"steps": 2 if quick else SAMPLER.steps})
     draw = {name: (lambda model=trainers[name].model, space=space: sample_images(
         model, trainers["pixel"].task.schedule, sampler, (batch, *space.shape),
         batch_size=batch, seed=0, space=space)) for name, space in (("pixel", pixels), ("latent, cached", latents))}

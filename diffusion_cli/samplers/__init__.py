@@ -4,13 +4,14 @@ in batches through it)."""
 
 import importlib
 import pkgutil
+from contextlib import nullcontext
 from dataclasses import fields, replace
 
 import torch
 from torch import nn
 
 from ..conditions import condition_of
-from ..guidance import guided
+from ..guidance import autoguided, guided
 from ..runtime import eval_mode
 from ..schedule import NoiseSchedule
 from .base import REGISTRY, Sampler, draw, randn
@@ -42,14 +43,15 @@ LEGACY = ("clip_x0", "x_T", "return_all_steps", "progress", "labels", "guidance_
 @torch.inference_mode()
 def sample(model: nn.Module, schedule: NoiseSchedule, shape, *, sampler: str | Sampler = "ddpm",
            steps: int | None = None, eta: float | None = None, generator: torch.Generator | None = None,
-           device=None, **options) -> torch.Tensor:
+           device=None, guide: nn.Module | None = None, **options) -> torch.Tensor:
     """Draw images of `shape` (B, C, H, W) from the model, in [-1, 1].
 
     sampler: a kind of SAMPLERS ("ddpm", "ddim", "dpmpp_2m", "heun", "euler") or a Sampler object
     (which carries its own options, e.g. DDIM(steps=50, eta=1.0)); steps: sampling steps, default
     the sampler's, else all T (DDPM with fewer uses respaced betas, the others their own spacing);
     eta: the noise of DDIM and DPM-Solver++ (0 = deterministic); generator: the initial noise and
-    each step's; device: default the model's, else the schedule's.
+    each step's; device: default the model's, else the schedule's; guide: autoguidance's weaker
+    model (guidance.autoguided, by guidance_scale, on the labels where given).
 
     options, as before the sampler contract: clip_x0 (default true), x_T (the initial noise),
     return_all_steps (every state from x_T, stacked), progress, labels / guidance_scale / negative
@@ -70,9 +72,11 @@ def sample(model: nn.Module, schedule: NoiseSchedule, shape, *, sampler: str | S
     x_T = options.get("x_T")
     x = randn(shape, generator, device) if x_T is None else x_T.to(device)
     labels, negative, scale = options.get("labels"), options.get("negative"), options.get("guidance_scale", 1.0)
-    with eval_mode(model):
+    with eval_mode(model), eval_mode(guide) if guide is not None else nullcontext():
         denoise = model
-        if labels is not None:  # guidance pairs the condition with the null one (or a negative prompt)
+        if guide is not None:
+            denoise = autoguided(model, guide, None if labels is None else labels.to(device), scale)
+        elif labels is not None:  # guidance pairs the condition with the null one (or a negative prompt)
             labels, unconditional = labels.to(device), None
             if scale != 1.0:
                 negative = None if negative is None else negative.to(device)

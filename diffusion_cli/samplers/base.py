@@ -72,6 +72,7 @@ class Run(NamedTuple):
 class Sampler:
     """The fields every sampler has; subclasses add theirs and set `kind`."""
     kind: ClassVar[str] = ""
+    evaluations_per_step: ClassVar[int] = 1  # model evaluations per step, at most
     steps: int | None = check(lambda v: v is None or v >= 1, "null (all T) or an integer >= 1", None)
     clip_x0: bool = True  # clip the x0 estimate to [-1, 1] at every evaluation
 

@@ -26,6 +26,7 @@ class Heun(Sampler):
     SIGMA_MAX (there eps is constant to a few parts in a million, and half the difference of two
     such values times a step of thousands would be the only error)."""
     kind = "heun"
+    evaluations_per_step = 2
 
     def timesteps(self, schedule: NoiseSchedule, steps: int) -> list[int]:
         return karras_timesteps(schedule, steps)
