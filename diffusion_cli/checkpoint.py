@@ -87,7 +87,9 @@ def migrated(config: dict) -> dict:
     - data.caption_dropout was the captions' own dropout: it is trainer.cond_drop_prob now.
     - autoencoder=diffusers kept an unused autoencoder.ckpt (null): dropped.
     - model.prediction and trainer.loss_weighting are the objective's prediction and weighting now
-      (a checkpoint older than both predicted eps, unweighted)."""
+      (a checkpoint older than both predicted eps, unweighted).
+    - Before issue 26 training drew timesteps uniformly (schedule.time_density), kept one EMA and no
+      autoguidance guide (trainer.ema_sigma_rel, ema_profiles, guide_at)."""
     if "objective" not in config:
         config["objective"] = {"prediction": config.get("model", {}).pop("prediction", "eps"),
                                "weighting": config.get("trainer", {}).pop("loss_weighting", "none")}
@@ -100,6 +102,12 @@ def migrated(config: dict) -> dict:
         if data.get("captions", "none") != "none":
             trainer["cond_drop_prob"] = dropout
     schedule = config.get("schedule", {})
+    if schedule.get("kind") in ("linear", "cosine"):
+        for key, value in (("time_density", "uniform"), ("logit_mean", 0.0), ("logit_std", 1.0)):
+            schedule.setdefault(key, value)
+    if trainer:
+        for key, value in (("ema_sigma_rel", None), ("ema_profiles", []), ("guide_at", 0.0)):
+            trainer.setdefault(key, value)
     if schedule.get("kind") in SCHEDULES:
         keep = {"kind"} | {f.name for f in fields(SCHEDULES[schedule["kind"]])}
         config["schedule"] = {key: value for key, value in schedule.items() if key in keep}

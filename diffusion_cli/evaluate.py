@@ -5,13 +5,12 @@ import torch
 from omegaconf import DictConfig
 
 from . import runtime
-
 from .data import Split
 from .images import save_grid, to_unit
 from .metrics import quality_metric, sample_quality
 from .runtime import autocast, eval_mode
 from .generation import sample_images
-from .samplers import sampler_from_config
+from .samplers import evaluations
 from .objectives import objective
 from .schedule import NoiseSchedule
 
@@ -121,18 +120,6 @@ def quality_count(cfg: DictConfig, T: int) -> int:
         return tc.num_quality_images
     trained = 3 * tc.max_steps * tc.batch_size * tc.grad_accum * runtime.world_size()
     return min(QUALITY_IMAGES, int(QUALITY_BUDGET * trained / evaluations(cfg.sampler, T)))
-
-
-def evaluations(sampler_cfg, T: int) -> int:
-    """Model evaluations per image of a sampler config, at most (Heun's last step has one)."""
-    sampler = sampler_from_config(sampler_cfg)
-    return sampler.evaluations_per_step * (sampler.steps or T)
-
-
-def describe(sampler_cfg, T: int) -> str:
-    """A sampler config in words: 'dpmpp_2m, 10 steps, eta 1.0'."""
-    eta = sampler_cfg.get("eta")
-    return f"{sampler_cfg.kind}, {sampler_cfg.steps or T} steps" + (f", eta {eta}" if eta else "")
 
 
 def measured(cfg: DictConfig, evaluator: Evaluator) -> bool:

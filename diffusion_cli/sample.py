@@ -21,7 +21,7 @@ from .generation import image_seeds, sample_batches
 from .images import save_each, save_grid
 from .metrics import quality_metric, sample_quality
 from .runtime import autocast, compiled, resolve_device
-from .samplers import sample
+from .samplers import describe, sample
 from .spaces import checkpoint_space, relocated
 from .stopping import GracefulStop, Interrupted, Stopped
 
@@ -48,18 +48,17 @@ def sample_from_checkpoint(cfg: DictConfig, run_dir: Path) -> dict:
                         f"use save_images=true and diffusion-eval samples=THIS_RUN reference=YOUR_FOLDER "
                         f"(FID, KID, precision/recall){condition.eval_hint}")
     count = len(labels) if labels is not None else cfg.num_samples
-    steps = cfg.sampler.steps or schedule.T
     batch = min(count, cfg.batch_size)
 
     def warm_up(network):  # one step of the real call: batch shape, inference mode, guidance
         with autocast(device, cfg.precision):
             sample(network, schedule, (batch, *shape), sampler="ddim", steps=1,
                    labels=None if labels is None else labels[:batch], guidance_scale=cfg.guidance_scale,
-                   negative=None if negative is None else negative[:batch])
+                   negative=None if negative is None else negative[:batch], guide=guide)
     model = compiled(model, cfg.compile, warm_up, "compile")
     log.info(f"run dir: {run_dir}")
     log.info(f"sampling {count} images from {checkpoint.resolve(cfg.ckpt)} with "
-             f"{cfg.sampler.kind}, {steps} steps, seed {cfg.seed}, on {device}"
+             f"{describe(cfg.sampler, schedule.T)}, seed {cfg.seed}, on {device}"
              + (f", label {cfg.label}" if cfg.label is not None else "") + condition.describe(prompts)
              + (f", guidance {cfg.guidance_scale}" if labels is not None and guide is None else "")
              + (f", autoguidance {cfg.guidance_scale} by {guide_name}" if guide is not None else ""))

@@ -15,11 +15,12 @@ from .autoencoder import (ReconstructionEvaluator, autoencoder_loss, build_autoe
 from .conditions import condition_of, text_config
 from .data import Split
 from .errors import UserError
-from .evaluate import Evaluator, describe, due, evaluate, measured, quality_count
+from .evaluate import Evaluator, due, evaluate, measured, quality_count
 from .metrics import QUALITY_KEYS
 from .models import build_model, pretrained
 from .objectives import objective
 from .runtime import autocast, use_channels_last
+from .samplers import describe
 from .schedule import NoiseSchedule
 from .spaces import Space, Training
 

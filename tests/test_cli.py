@@ -200,8 +200,8 @@ BAD_INPUT = [
     ("diffusion-train", ["schedule.T=abc"], "schedule.T"),                   # wrong type
     ("diffusion-train", ["schedule.T=0"], "schedule.T"),
     ("diffusion-train", ["schedule=linear", "schedule.beta_end=1.5"], "schedule.beta_end"),  # beta outside (0, 1)
-    ("diffusion-train", ["schedule.beta_end=0.01"], "is a key of schedule=linear; add schedule=linear"),
-    ("diffusion-train", ["sampler.eta=1"], "is a key of sampler=ddim|dpmpp_2m"),
+    ("diffusion-train", ["schedule.beta_end=0.01"], "is a key of schedule=linear|linear_logit_normal; add schedule=linear"),
+    ("diffusion-train", ["sampler.s_churn=1"], "is a key of sampler=euler"),
     ("diffusion-train", ["schedule=linear", "schedule.beta_start=0.5"], "beta_start"),          # beta_start > beta_end
     ("diffusion-train", ["schedule=edm", "schedule.sigma_min=100"], "sigma_min"),  # sigma_min > sigma_max
     ("diffusion-train", ["trainer.batch_size=0"], "trainer.batch_size"),

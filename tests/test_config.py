@@ -23,7 +23,8 @@ def compose_train(*overrides):
 
 
 # Presets: options that set another option's keys to other values.
-PRESETS = {"resunet32": "resunet", "resunet64": "resunet"}
+PRESETS = {"resunet32": "resunet", "resunet64": "resunet", "linear_logit_normal": "linear",
+           "dpmpp_2m_sde": "dpmpp_2m"}
 # Every option of every group once (a data set with its default model), and every model on MNIST.
 CHOICES = [{group: option} for group in GROUPS for option in GROUPS[group]] + [
     {"data": "mnist", "model": model} for model in GROUPS["model"]]
@@ -54,7 +55,8 @@ def test_mnist_defaults_to_the_resunet_unless_a_model_is_given():
 def test_sample_config_composes_with_its_sampler_group():
     with initialize_config_module("diffusion_cli.conf", version_base="1.3"):
         cfg = compose("sample", overrides=["ckpt=x.pt", "sampler.steps=10"])
-    assert cfg.ckpt == "x.pt" and cfg.sampler.kind == "ddpm" and cfg.sampler.steps == 10
+    assert cfg.ckpt == "x.pt" and cfg.sampler.kind == "dpmpp_2m" and cfg.sampler.steps == 10
+    assert cfg.sampler.eta == 1.0  # the default, dpmpp_2m_sde
 
 
 @pytest.mark.parametrize("override", ["schedule.T=abc", "trainer.lr=fast", "data.download=maybe",

@@ -29,6 +29,18 @@ def sampler_from_config(sampler_cfg, **changes) -> Sampler:
     return replace(cls(**options), **changes)
 
 
+def evaluations(sampler_cfg, T: int) -> int:
+    """Model evaluations per image of a sampler config, at most (Heun's last step has one)."""
+    sampler = sampler_from_config(sampler_cfg)
+    return sampler.evaluations_per_step * (sampler.steps or T)
+
+
+def describe(sampler_cfg, T: int) -> str:
+    """A sampler config in words: 'dpmpp_2m, 10 steps, eta 1.0'."""
+    eta = sampler_cfg.get("eta")
+    return f"{sampler_cfg['kind']}, {sampler_cfg['steps'] or T} steps" + (f", eta {eta}" if eta else "")
+
+
 def model_device(model: nn.Module, schedule: NoiseSchedule) -> torch.device:
     """Where the model's weights are; the schedule's device for a model without parameters."""
     parameter = next(model.parameters(), None)
