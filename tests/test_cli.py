@@ -71,22 +71,21 @@ def test_sample_uses_the_ema_weights_unless_told_not_to(trained_run, tmp_path):
 def test_autoguidance_by_the_runs_guide_or_an_earlier_checkpoint(trained_run, tmp_path):
     """guidance=auto guides by the snapshot the run kept at trainer.guide_at (step 2 of 6 by
     default), or by guide=CKPT; a checkpoint without a guide is refused in one line."""
-    by_guide = run_cli("diffusion-sample", f"ckpt={trained_run}", "guidance=auto", "guidance_scale=2",
-                       "num_samples=2", "hydra.run.dir=own", cwd=tmp_path)
-    assert "autoguidance 2.0 by its guide (step 2)" in by_guide.stdout + by_guide.stderr
+    def draw(*args):
+        result = run_in_process("diffusion-sample", "guidance=auto", "guidance_scale=2", "num_samples=2", *args,
+                                cwd=tmp_path)
+        return result.returncode, result.stdout + result.stderr
+
     early = trained_run / "checkpoints" / "step_0000003.pt"
-    by_file = run_cli("diffusion-sample", f"ckpt={trained_run}", "guidance=auto", "guidance_scale=2",
-                      f"guide={early}", "num_samples=2", "hydra.run.dir=file", cwd=tmp_path)
-    assert f"by ckpt={early}" in by_file.stdout + by_file.stderr
+    assert "autoguidance 2.0 by its guide (step 2)" in draw(f"ckpt={trained_run}", "hydra.run.dir=own")[1]
+    assert f"by ckpt={early}" in draw(f"ckpt={trained_run}", f"guide={early}", "hydra.run.dir=file")[1]
     images = [torch.load(tmp_path / d / "samples.pt", weights_only=True) for d in ("own", "file")]
     assert not torch.equal(*images)  # two guides, two sets of images
     state = torch.load(trained_run / "checkpoints" / "last.pt", weights_only=True)
     del state["guide"]
     torch.save(state, tmp_path / "no_guide.pt")
-    refused = run_cli("diffusion-sample", f"ckpt={tmp_path / 'no_guide.pt'}", "guidance=auto", "guidance_scale=2",
-                      "hydra.run.dir=refused", cwd=tmp_path, check=False)
-    assert refused.returncode != 0 and "holds no guide" in refused.stderr
-    assert len(refused.stderr.strip().splitlines()) == 1
+    code, output = draw(f"ckpt={tmp_path / 'no_guide.pt'}", "hydra.run.dir=refused")
+    assert code != 0 and "holds no guide" in output and len(output.strip().splitlines()) == 1
 
 
 def test_sample_accepts_a_checkpoint_file_and_a_respaced_sampler(trained_run, tmp_path):
