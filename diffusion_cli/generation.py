@@ -33,8 +33,9 @@ def sample_batches(model: nn.Module, schedule: NoiseSchedule, sampler_cfg, shape
     drawn `batch_size` at a time with the sampler config, leaving out the batches whose first
     index is in `done` (drawn before: bulk sampling resumes). `labels` (N,) for a
     class-conditional model, (N, L) caption tokens for a text-conditioned one; `negative` (N, L)
-    a negative prompt's tokens; `guide` autoguidance's weaker model (by guidance_scale). In a `space` (spaces.py; default the pixels of `shape`) the model
-    draws its samples of `shape`, clipped where the space clips, and the space decodes them.
+    a negative prompt's tokens; `guide` autoguidance's weaker model (by guidance_scale). In a
+    `space` (spaces.py; default the pixels of `shape`) the model draws its samples of `shape`,
+    clipped where the space clips, and the space decodes them.
     Training grids, quality metrics and diffusion-sample all draw through here.
 
     All noise is drawn on the model's device, one batch at a time: image i's initial noise from

@@ -1,7 +1,8 @@
 """The denoiser's objectives (conf/objective/): what the network outputs, eps (Ho et al. 2020), x0,
-v (Salimans & Ho 2022) or the flow velocity (rectified flow), and how its loss is weighted over the timesteps. An objective gives the
-target for x_t = q_sample(x0, t, eps), turns a model's output back into (eps, x0) for the
-samplers, and weighs each sample's MSE (none, or min-SNR: Hang et al. 2023)."""
+v (Salimans & Ho 2022) or the flow velocity (rectified flow), and how its loss is weighted over
+the timesteps. An objective gives the target for x_t = q_sample(x0, t, eps), turns a model's
+output back into (eps, x0) for the samplers, and weighs each sample's MSE (none, or min-SNR:
+Hang et al. 2023)."""
 
 from dataclasses import dataclass
 from typing import ClassVar
