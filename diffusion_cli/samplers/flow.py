@@ -9,7 +9,7 @@ import torch
 
 from ..schedule import NoiseSchedule
 from ..schema import check
-from .base import Denoised, Run, Sampler, alpha_sigma
+from .base import Denoised, Run, Sampler, alpha_sigma, noise_levels
 
 
 def flow_point(schedule: NoiseSchedule, t: int) -> tuple[float, float]:
@@ -27,7 +27,8 @@ def shifted(u: torch.Tensor, shift: float) -> torch.Tensor:
 def flow_timesteps(schedule: NoiseSchedule, steps: int, shift: float) -> list[int]:
     """`steps` timesteps from T-1 down, evenly spaced in u from the top u to the lowest (as diffusers'
     linspace of sigmas), then shifted, each rounded to the nearest training timestep in u."""
-    u = torch.tensor([flow_point(schedule, t)[0] for t in range(schedule.T)], dtype=torch.float64)
+    levels = noise_levels(schedule)  # s / a of every timestep: u = s / (a + s)
+    u = levels / (1 + levels)
     targets = shifted(torch.linspace(u[-1].item(), u[0].item(), steps, dtype=torch.float64), shift)
     nearest = (u[None] - targets[:, None]).abs().argmin(1).tolist()
     return sorted(set([schedule.T - 1] + nearest[1:]), reverse=True)
