@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Denoiser = Callable[..., torch.Tensor]  # (x_t, t) -> output; self-conditioned: also x0_hint=
 # diffusion-sample guidance=: cfg (classifier-free, with a label or prompt) | auto (the run's guide)
 GUIDANCE = ("cfg", "auto")
 
@@ -17,15 +17,17 @@ def guided(model: nn.Module, condition: torch.Tensor | None = None, unconditiona
     """(x_t, t) -> the model's output, conditioned on `condition` where given. A scale w != 1 is
     classifier-free guidance: out_u + w (out_c - out_u), out_u the output for `unconditional` (the
     null condition, or a negative prompt, as wide as `condition`: conditions.pair gives both), in
-    one forward pass of both. The combination is linear, so it is the same in eps, x0 or v."""
+    one forward pass of both. The combination is linear, so it is the same in eps, x0 or v. A
+    self-conditioned model's x0_hint= goes to both."""
     if condition is None:
         return model
     if scale == 1.0:
-        return lambda x, t: model(x, t, condition)
+        return lambda x, t, **hint: model(x, t, condition, **hint)
     both = torch.cat([condition, unconditional])
 
-    def guide(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        conditional, unconditional = model(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+    def guide(x: torch.Tensor, t: torch.Tensor, **hint) -> torch.Tensor:
+        hint = {key: torch.cat([value, value]) for key, value in hint.items()}
+        conditional, unconditional = model(torch.cat([x, x]), torch.cat([t, t]), both, **hint).chunk(2)
         return unconditional + scale * (conditional - unconditional)
     return guide
 
@@ -38,7 +40,7 @@ def autoguided(model: nn.Module, guide: nn.Module, condition: torch.Tensor | Non
     if scale == 1.0:
         return guided(model, condition)
 
-    def guide_by_weaker(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        weaker = guide(x, t, condition)
-        return weaker + scale * (model(x, t, condition) - weaker) if scale else weaker
+    def guide_by_weaker(x: torch.Tensor, t: torch.Tensor, **hint) -> torch.Tensor:
+        weaker = guide(x, t, condition, **hint)
+        return weaker + scale * (model(x, t, condition, **hint) - weaker) if scale else weaker
     return guide_by_weaker

@@ -52,5 +52,5 @@ def test_each_preset_runs_under_debug_fast(experiment, pngs, tmp_path):
 def test_cfg_job_shows_what_a_preset_sets(tmp_path):
     result = run_in_process("diffusion-train", "experiment=mnist_10min", "--cfg", "job", cwd=tmp_path)
     assert result.returncode == 0
-    assert "max_steps: 1506" in result.stdout and "kind: dpmpp_2m" in result.stdout
+    assert "max_steps: 3340" in result.stdout and "batch_size: 64" in result.stdout and "kind: dpmpp_2m" in result.stdout
     assert "kind: mnist" in result.stdout and "prediction: v" in result.stdout

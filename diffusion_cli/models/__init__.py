@@ -2,7 +2,8 @@
 shape (B,) and cond the condition: class indices (B,) for a class-conditional model, caption
 tokens (B, L) for a text-conditioned one (model.text; models/text_encoder.py); it returns a
 tensor shaped like x_t: the noise, the clean image or v, as its `prediction` attribute says (set
-from the run's objective.prediction: objectives.py)."""
+from the run's objective.prediction: objectives.py). A self-conditioned ResUNet
+(model.self_condition) also takes x0_hint=, an estimate of x0 shaped like x_t."""
 
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -84,6 +85,7 @@ class ResUNetConfig(ModelConfig):
     dropout: float = check(lambda v: 0 <= v < 1, "a number from 0 to below 1", MISSING)
     attention_resolutions: List[int] = field(default_factory=list)
     cross_attention_resolutions: Optional[List[int]] = None
+    self_condition: bool = False
 
 
 @dataclass

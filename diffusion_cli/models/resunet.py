@@ -72,14 +72,15 @@ class ResUNet(nn.Module):
     image height divided by 2^level) is in `attention_resolutions` add self-attention too. With
     `text` (a text_encoder config) the model takes caption tokens in place of labels, and the
     blocks of the levels at `cross_attention_resolutions` (None: every level below the full
-    resolution) and the middle attend to the caption. H and W must be divisible by
-    2^(levels - 1)."""
+    resolution) and the middle attend to the caption. With `self_condition` (Chen et al. 2022)
+    the input also holds an estimate of x0 (`x0_hint`, zeros where none is given), concatenated
+    to x_t's channels. H and W must be divisible by 2^(levels - 1)."""
 
     def __init__(self, image_shape: tuple[int, int, int], base_channels: int = 16,
                  channel_mults: tuple[int, ...] = (1, 2, 2), num_res_blocks: int = 1,
                  attention: bool = True, dropout: float = 0.1, num_classes: int = 0,
                  attention_resolutions: tuple[int, ...] = (), text: dict | None = None,
-                 cross_attention_resolutions: tuple[int, ...] | None = None):
+                 cross_attention_resolutions: tuple[int, ...] | None = None, self_condition: bool = False):
         super().__init__()
         channels, height, width = image_shape
         factor = 2 ** (len(channel_mults) - 1)
@@ -101,7 +102,8 @@ class ResUNet(nn.Module):
             cross_attention_resolutions = [height // 2 ** level for level in range(1, len(widths))]
         crosses = [context if height // 2 ** level in cross_attention_resolutions else 0
                    for level in range(len(widths))]
-        self.inp = nn.Conv2d(channels, widths[0], 3, padding=1)
+        self.self_condition = self_condition
+        self.inp = nn.Conv2d(channels * (2 if self_condition else 1), widths[0], 3, padding=1)
 
         self.down, skip_widths, current = nn.ModuleList(), [widths[0]], widths[0]
         for level, width_ in enumerate(widths):
@@ -129,8 +131,11 @@ class ResUNet(nn.Module):
         self.out = nn.Sequential(group_norm(current), nn.SiLU(),
                                  zero(nn.Conv2d(current, channels, 3, padding=1)))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
+                x0_hint: torch.Tensor | None = None) -> torch.Tensor:
         emb, context = conditioning(self, t, cond)
+        if self.self_condition:
+            x = torch.cat([x, torch.zeros_like(x) if x0_hint is None else x0_hint], dim=1)
         h = self.inp(x)
         skips = [h]
         for layer in self.down:

@@ -96,5 +96,6 @@ def sample(model: nn.Module, schedule: NoiseSchedule, shape, *, sampler: str | S
             denoise = guided(model, labels, unconditional, scale)
         prediction = options.get("prediction") or getattr(model, "prediction", "eps")
         result = draw(sampler, denoise, schedule, x, prediction=prediction, generator=generator,
-                      progress=options.get("progress", False), trajectory=options.get("return_all_steps", False))
+                      progress=options.get("progress", False), trajectory=options.get("return_all_steps", False),
+                      self_condition=getattr(model, "self_condition", False))
     return result if options.get("return_all_steps") or not options.get("clamp", True) else result.clamp(-1, 1)

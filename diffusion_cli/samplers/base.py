@@ -7,7 +7,8 @@ keys, `conf/sampler/<kind>.yaml` their defaults and docs) with two methods:
   `run.noise()` (standard normal, from the run's generator) and `run.denoise(x, t)` (another
   model evaluation).
 
-`draw` runs the loop: the timesteps, then a step from each to the next. Subclasses register
+`draw` runs the loop: the timesteps, then a step from each to the next (feeding a
+self-conditioned model the x0 estimate of its last evaluation). Subclasses register
 themselves by `kind`; `samplers/__init__.py` imports every module of the package, so a new sampler
 is its module plus its YAML.
 """
@@ -18,6 +19,7 @@ from typing import Callable, ClassVar, NamedTuple
 
 import torch
 
+from ..guidance import Denoiser
 from ..objectives import X0, Objective, objective
 from ..progress import tqdm
 from ..schedule import NoiseSchedule
@@ -25,7 +27,6 @@ from ..schema import check
 
 FROM_X0 = X0()  # eps from a clipped x0 (Denoised.eps)
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 REGISTRY: dict[str, type["Sampler"]] = {}
 
 
@@ -41,16 +42,20 @@ class Denoised:
     use_clipped_model_output=True), so that a step stays consistent with x_t."""
 
     def __init__(self, model: Callable[[], torch.Tensor], schedule: NoiseSchedule, index: int,
-                 x: torch.Tensor, objective: Objective, clip_x0: bool):
+                 x: torch.Tensor, objective: Objective, clip_x0: bool,
+                 seen: Callable[[torch.Tensor], None] = lambda x0: None):
         self.model, self.schedule, self.index, self.x = model, schedule, index, x
         self.objective, self.clip_x0 = objective, clip_x0
+        self.seen = seen  # told the x0 estimate (draw: self-conditioning's next hint)
 
     @cached_property
     def estimates(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(eps, x0) as the model's output implies them, x0 clipped with clip_x0."""
         output = self.model()
         eps, x0 = self.objective.eps_and_x0(self.schedule, self.x, self.index, output)
-        return eps, clamped(x0, output) if self.clip_x0 else x0
+        x0 = clamped(x0, output) if self.clip_x0 else x0
+        self.seen(x0)
+        return eps, x0
 
     @property
     def x0(self) -> torch.Tensor:
@@ -106,17 +111,21 @@ def randn(shape, generator: torch.Generator | None, device) -> torch.Tensor:
 
 def draw(sampler: Sampler, denoise: Denoiser, schedule: NoiseSchedule, x: torch.Tensor, *,
          prediction: str, generator: torch.Generator | None = None, progress: bool = False,
-         trajectory: bool = False) -> torch.Tensor:
+         trajectory: bool = False, self_condition: bool = False) -> torch.Tensor:
     """The one sampling loop: from x = x_T over the sampler's timesteps to the sample (or, with
     `trajectory`, every state from x_T on, stacked). `denoise` is the model, or a guidance wrapper
-    of it, as (x_t, t) -> output of the `prediction` kind."""
+    of it, as (x_t, t) -> output of the `prediction` kind; with `self_condition` it also takes the
+    x0 estimate of the evaluation before (none at the first) as x0_hint=."""
     timesteps = sampler.start(schedule, sampler.steps or schedule.T) + [-1]
     output_kind = objective(prediction)
+    hint = {}  # self-conditioning: {"x0_hint": the last evaluation's x0}
+    remember = (lambda x0: hint.update(x0_hint=x0)) if self_condition else (lambda x0: None)
 
     def evaluate(x: torch.Tensor, t: int) -> Denoised:
         def model() -> torch.Tensor:  # fp32 under autocast too
-            return denoise(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)).to(x.dtype)
-        return Denoised(model, *sampler.coefficients(t), x, output_kind, sampler.clip_x0)
+            t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+            return denoise(x, t_batch, **hint).to(x.dtype)
+        return Denoised(model, *sampler.coefficients(t), x, output_kind, sampler.clip_x0, remember)
 
     states = [x]
     for t, t_next in zip(tqdm(timesteps[:-1], desc="sampling", disable=not progress, leave=False), timesteps[1:]):
