@@ -1,5 +1,6 @@
 """DDP through torchrun: two CPU processes on the gloo backend, tiny."""
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -105,3 +106,10 @@ def test_two_processes_stream_their_shards_and_resume_exactly(tmp_path):
     resumed = torch.load(split / "checkpoints" / "last.pt", weights_only=True)["model"]
     for key, value in expected.items():
         torch.testing.assert_close(resumed[key], value, rtol=0, atol=0)
+
+
+def test_two_processes_train_a_self_conditioned_model(tmp_path):
+    """Each rank draws its own hinted half of the batch: the hint's pass has no collective to wait on."""
+    run_dir = tmp_path / "run"
+    torchrun("model=resunet", "model.self_condition=true", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert json.loads((run_dir / "result.json").read_text())["steps"] == 6
