@@ -71,9 +71,10 @@ class Objective:
         chosen = torch.rand(x_t.shape[:1], generator=generator, device=x_t.device) < 0.5
         hint = torch.zeros_like(x_t)
         if chosen.any():
+            x, t = x_t[chosen], t[chosen]
             with torch.no_grad():
-                estimate = network(x_t[chosen], t[chosen], None if cond is None else cond[chosen])
-                hint[chosen] = self.eps_and_x0(schedule, x_t[chosen], t[chosen], estimate)[1].to(hint.dtype)
+                estimate = network(x, t, None if cond is None else cond[chosen])
+                hint[chosen] = self.eps_and_x0(schedule, x, t, estimate)[1].to(hint.dtype)
         return {"x0_hint": hint}
 
 

@@ -53,7 +53,8 @@ def test_mnist_defaults_to_the_resunet_unless_a_model_is_given():
 
 
 def test_mnist_and_folders_pick_their_measured_trainers_unless_one_is_given():
-    assert (compose_train("data=mnist").trainer.batch_size, compose_train("data=mnist").trainer.max_steps) == (64, 3340)
+    mnist = compose_train("data=mnist").trainer
+    assert (mnist.batch_size, mnist.max_steps) == (64, 3340)
     assert compose_train("data=mnist", "trainer=default").trainer.batch_size == 128
     assert compose_train("data=folder").trainer.batch_size == 16
     assert compose_train("experiment=mnist_cond").trainer.batch_size == 128  # measured at 128
